@@ -1,0 +1,73 @@
+"""Export the server state as a PEFT LoRA adapter (+ classifier head) that PEFT loads (SPEC §1.3).
+
+Per-layer ranks go through PEFT's `rank_pattern`; layers without LoRA (rank 0) are simply not
+targeted, by listing the full module names in `target_modules`. The head is saved through
+`modules_to_save`. `hierfedlora.json` beside the adapter records the label names and base model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from hierfedlora.lora_state import State, lora_key
+from hierfedlora.models import find_layers, head_modules, load_base, load_tokenizer, resolve_model_path
+
+
+def export_adapter(state: State, global_ranks: dict[int, int], model_name: str, target_modules: list[str],
+                   alpha: float, label_names: list[str], out_dir: str | Path, seed: int = 0) -> Path:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    out = Path(out_dir)
+    tok = load_tokenizer(model_name)
+    base = load_base(model_name, len(label_names), tok, seed)
+    base.config.id2label = dict(enumerate(label_names))
+    base.config.label2id = {n: i for i, n in enumerate(label_names)}
+    layer_path, layers = find_layers(base)
+    full_names, rank_pattern = [], {}
+    for l, R in sorted(global_ranks.items()):
+        if R <= 0:
+            continue
+        for name, mod in layers[l].named_modules():
+            if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in target_modules:
+                full = f"{layer_path}.{l}.{name}"
+                full_names.append(full)
+                rank_pattern[full] = R
+    if not full_names:
+        raise ValueError("the server state has no LoRA layer to export")
+    heads = [h for h in head_modules(base) if h not in ("classifier", "score")]
+    cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=max(rank_pattern.values()), lora_alpha=alpha,
+                     target_modules=full_names, rank_pattern=rank_pattern, modules_to_save=heads or None)
+    pm = get_peft_model(base, cfg)
+    inner = pm.base_model.model
+    with torch.no_grad():
+        for full in full_names:
+            mod = inner.get_submodule(full)
+            l = int(full[len(layer_path) + 1:].split(".", 1)[0])
+            sub = full[len(layer_path) + 1:].split(".", 1)[1]
+            mod.lora_A["default"].weight.copy_(state[lora_key(l, sub, "A")])
+            mod.lora_B["default"].weight.copy_(state[lora_key(l, sub, "B")])
+        for h in head_modules(base):
+            for pname, p in getattr(inner, h).modules_to_save["default"].named_parameters():
+                p.copy_(state[f"head.{h}.{pname}"])
+    pm.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "hierfedlora.json").write_text(json.dumps(
+        {"base_model": model_name, "base_model_path": resolve_model_path(model_name), "label_names": label_names,
+         "seed": seed}, indent=2))  # the seed rebuilds the base of the randomly initialised test models
+    return out
+
+
+def load_adapter(adapter_dir: str | Path):
+    """(PeftModel in eval mode, tokenizer, label names) from an exported adapter directory."""
+    from peft import PeftModel
+
+    d = Path(adapter_dir)
+    meta = json.loads((d / "hierfedlora.json").read_text())
+    tok = load_tokenizer(meta["base_model"])
+    base = load_base(meta["base_model"], len(meta["label_names"]), tok, meta.get("seed", 0))
+    model = PeftModel.from_pretrained(base, d)
+    model.eval()
+    return model, tok, meta["label_names"]

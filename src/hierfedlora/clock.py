@@ -1,0 +1,74 @@
+"""Virtual clock and traffic meter (SPEC §3).
+
+A local step costs a forward pass through every layer plus a backward pass through the trained
+layers only (the layers below get no backward); its FLOPs are counted from the real token lengths of
+the batch and divided by the device's sustained FLOP/s. A transfer costs latency + bytes/bandwidth.
+A group's round ends with its slowest member; a synchronous round ends when the last report lands.
+Nothing here reads the host's clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hierfedlora.fleet import DeviceProfile
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """FLOP model of one transformer layer, from the model config."""
+
+    hidden: int
+    intermediate: int
+    mlp_matrices: int = 2  # 3 for gated (Llama-style) MLPs
+    kv_fraction: float = 1.0  # key/value width over hidden (grouped-query attention)
+
+    def layer_fwd_flops(self, seq_len: int) -> float:
+        """Forward FLOPs of one layer for one sequence of `seq_len` tokens.
+
+        2·n·(h²·(2 + 2·kv) + m·h·i) for the projections and MLP, + 4·n²·h for QKᵀ and AV.
+        """
+        h, n = self.hidden, seq_len
+        proj = h * h * (2 + 2 * self.kv_fraction) + self.mlp_matrices * h * self.intermediate
+        return 2.0 * n * proj + 4.0 * n * n * h
+
+
+def step_flops(cost: ModelCost, seq_lens: list[int], num_layers: int, trained_layers: int, backward_ratio: float) -> float:
+    """FLOPs of one local step: forward through all layers + backward through the trained ones."""
+    per_layer = sum(cost.layer_fwd_flops(n) for n in seq_lens)
+    return per_layer * (num_layers + backward_ratio * trained_layers)
+
+
+def compute_time(flops: float, profile: DeviceProfile) -> float:
+    return flops / profile.flops
+
+
+def transfer_time(nbytes: int, bandwidth_Bps: float, latency_s: float) -> float:
+    """latency + bytes / bandwidth; a transfer of nothing costs nothing."""
+    return 0.0 if nbytes <= 0 else latency_s + nbytes / bandwidth_Bps
+
+
+@dataclass
+class TrafficMeter:
+    """Exact byte counts, split by direction and link class."""
+
+    up: dict[str, int] = field(default_factory=lambda: {"wan": 0, "lan": 0})
+    down: dict[str, int] = field(default_factory=lambda: {"wan": 0, "lan": 0})
+
+    def add(self, link: str, up: int = 0, down: int = 0) -> None:
+        self.up[link] += int(up)
+        self.down[link] += int(down)
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(self.up.values())
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(self.down.values())
+
+    def state_dict(self) -> dict:
+        return {"up": dict(self.up), "down": dict(self.down)}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.up, self.down = dict(d["up"]), dict(d["down"])

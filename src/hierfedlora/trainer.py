@@ -1,0 +1,75 @@
+"""Local training on one device (SPEC §2.3): LoRA of the planned layers + head, layers below frozen.
+
+Pure in what matters: the result depends only on the payload, the plan, the batches and the seed,
+so the simulator, a resumed run and a Flower SuperNode all compute the same update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hierfedlora.data import collate
+from hierfedlora.lora_state import State
+from hierfedlora.models import LocalModel
+from hierfedlora.strategies.base import DevicePlan
+
+# name in DevicePlan.extra -> f(model, plan, value) -> loss term; methods register their own
+Regulariser = Callable[[LocalModel, DevicePlan, object], torch.Tensor]
+REGULARISERS: dict[str, Regulariser] = {}
+
+
+def sample_batches(positions: np.ndarray, steps: int, batch_size: int, seed: tuple[int, ...]) -> list[np.ndarray]:
+    """`steps` batches of positions: a seeded permutation of the device's data, cycled as needed."""
+    rng = np.random.default_rng(list(seed))
+    b = min(batch_size, len(positions))
+    need = steps * b
+    order = np.concatenate([rng.permutation(positions) for _ in range(-(-need // len(positions)))])
+    return [order[i * b:(i + 1) * b] for i in range(steps)]
+
+
+def torch_seed(seed: tuple[int, ...]) -> int:
+    return int(np.random.SeedSequence(list(seed)).generate_state(1)[0])
+
+
+def local_train(model: LocalModel, payload: State, plan: DevicePlan, batches: list[dict[str, torch.Tensor]],
+                lr: float, weight_decay: float, seed: int) -> tuple[State, float]:
+    """Train the plan's layers for len(batches) steps with AdamW; returns (update in device
+    convention: trained layers + head, mean training loss)."""
+    model.load(payload, plan.ranks, plan.train_layers)
+    lowest = min(plan.train_layers) if plan.train_layers else model.num_layers
+    model.train_mode(lowest)
+    params = model.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    torch.manual_seed(seed)
+    total = 0.0
+    for batch in batches:
+        loss = F.cross_entropy(model.logits(batch), batch["labels"])
+        total += float(loss.detach())
+        for name, value in plan.extra.items():
+            if name in REGULARISERS:
+                loss = loss + REGULARISERS[name](model, plan, value)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.extract(plan.train_layers, plan.ranks), total / max(1, len(batches))
+
+
+def make_batches(ids: list[np.ndarray], labels: np.ndarray, picks: list[np.ndarray], pad_id: int) -> list[dict[str, torch.Tensor]]:
+    return [collate([ids[i] for i in p], labels[p], pad_id) for p in picks]
+
+
+@torch.no_grad()
+def evaluate(model: LocalModel, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of the currently loaded model over pre-collated batches."""
+    model.eval_mode()
+    loss_sum, correct, n = 0.0, 0, 0
+    for batch in batches:
+        logits = model.logits(batch)
+        loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        n += len(batch["labels"])
+    return loss_sum / n, correct / n

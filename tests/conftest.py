@@ -1,0 +1,54 @@
+"""Shared fixtures: a separable synthetic text task and a tiny-model config (fast, no packages)."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+
+from hierfedlora.config import build_config
+
+POS = "good great fine nice lovely superb happy bright".split()
+NEG = "bad awful poor sad ugly dull grim weak".split()
+NOISE = "the a movie film plot actor scene story was is".split()
+
+
+def write_synthetic(path: Path, n: int = 600, seed: int = 0) -> Path:
+    """Two classes told apart by which word list their two sentiment words come from."""
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(n):
+            lab = i % 2
+            words = rng.choices(NOISE, k=5) + rng.choices(POS if lab == 0 else NEG, k=2)
+            rng.shuffle(words)
+            w.writerow([" ".join(words), "pos" if lab == 0 else "neg"])
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_csv(tmp_path_factory) -> Path:
+    return write_synthetic(tmp_path_factory.mktemp("data") / "syn.csv")
+
+
+@pytest.fixture
+def tiny_cfg(synthetic_csv, tmp_path):
+    """Factory: a tiny-BERT config on the synthetic task, with overrides as dotted keys."""
+
+    def make(**overrides):
+        raw = {
+            "run": {"rounds": 3, "eval_every": 1, "checkpoint_every": 1, "progress": False},
+            "model": {"name": "tiny-bert", "rank": 4, "alpha": 8.0},
+            "data": {"name": str(synthetic_csv), "cache_dir": str(tmp_path / "cache"), "val_fraction": 0.1},
+            "fleet": {"num_devices": 4},
+            "partition": {"kind": "iid"},
+            "train": {"local_steps": 2, "batch_size": 8, "lr": 2e-2},
+        }
+        sets = [f"{k}={v!r}" if not isinstance(v, str) else f'{k}="{v}"' for k, v in overrides.items()]
+        sets = [s.replace("True", "true").replace("False", "false") for s in sets]
+        return build_config(raw, sets)
+
+    return make
