@@ -79,6 +79,7 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     eval_batch_size: int = Field(128, ge=1)
     threads: int = Field(0, ge=0, description="torch threads (0 = all cores).")
+    device: str = Field("auto", description="Where the simulator computes: auto (cuda if present), cpu, cuda, cuda:N.")
 
 
 class RunConfig(_Section):

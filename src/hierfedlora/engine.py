@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from hierfedlora import data as data_mod
-from hierfedlora.clock import TrafficMeter, compute_time, step_flops, transfer_time
+from hierfedlora.clock import TrafficMeter, compute_time, transfer_time
 from hierfedlora.config import ExperimentConfig, dump_config
 from hierfedlora.fleet import DeviceProfile, availability, build_fleet, round_profiles
 from hierfedlora.lora_state import State, from_device, layer_of, num_bytes, to_device
@@ -28,7 +28,7 @@ from hierfedlora.models import LocalModel, load_base, load_tokenizer
 from hierfedlora.partition import label_histograms, partition
 from hierfedlora.strategies.base import Job, RoundReport, SetupInfo, TrainResult
 from hierfedlora.strategies.registry import get_strategy
-from hierfedlora.trainer import evaluate, local_train, make_batches, sample_batches, torch_seed
+from hierfedlora.trainer import DeviceData, JobOutput, evaluate, run_job
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
@@ -86,10 +86,30 @@ def config_fingerprint(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class Simulation:
-    """One experiment in one process: build everything from the config, then `run()`."""
+class LocalExecutor:
+    """Runs device jobs in this process, one after another, on the shared `LocalModel`."""
 
-    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None = None):
+    def __init__(self, sim: "Simulation"):
+        self.sim = sim
+
+    def run(self, rnd: int, jobs: list[tuple]) -> list[JobOutput | None]:
+        sim, cfg, w = self.sim, self.sim.cfg, self.sim.work
+        return [
+            run_job(sim.model, DeviceData(w.ids, w.labels, w.parts[plan.device], w.pad_id), payload, plan,
+                    seed=cfg.run.seed, rnd=rnd, call=k, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
+                    weight_decay=cfg.train.weight_decay, backward_ratio=cfg.fleet.backward_ratio)
+            for plan, payload, k in jobs
+        ]
+
+
+class Simulation:
+    """One experiment: build everything from the config, then `run()`.
+
+    Devices' local work goes through `executor` (default: in this process); the Flower deployment
+    passes one that sends the same jobs to SuperNodes.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None = None, executor=None):
         self.cfg = cfg
         self.out = Path(out_dir) if out_dir else None
         if cfg.train.threads:
@@ -99,7 +119,9 @@ class Simulation:
         self.work = build_workload(cfg, self.tokenizer)
         self.base_profiles = build_fleet(cfg.fleet.name, cfg.fleet.num_devices, seed)
         base = load_base(cfg.model.name, self.work.num_classes, self.tokenizer, seed)
-        self.model = LocalModel(base, cfg.model.target_modules, cfg.model.rank, cfg.model.alpha, cfg.model.lora_dropout, seed)
+        device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = LocalModel(base, cfg.model.target_modules, cfg.model.rank, cfg.model.alpha, cfg.model.lora_dropout,
+                                seed, device)
         w = self.work
         self.setup = SetupInfo(
             layout=self.model.layout,
@@ -128,12 +150,14 @@ class Simulation:
         self.sim_time = 0.0
         self.round = 0
         self.rows: list[dict[str, Any]] = []
+        self.executor = executor or LocalExecutor(self)
 
     # -- the RoundContext the strategy sees ------------------------------------------------
     def _train(self, rnd: int, profiles: list[DeviceProfile], drops: set[int], calls: dict[int, int],
                dropped: set[int], jobs: list[Job]) -> list[TrainResult]:
-        cfg, w, bpp = self.cfg, self.work, self.cfg.fleet.bytes_per_param
-        results = []
+        """Send each job to its device through the executor; book bytes and simulated time."""
+        bpp = self.cfg.fleet.bytes_per_param
+        sent = []
         for job in jobs:
             plan, d = job.plan, job.plan.device
             if d in drops:
@@ -144,19 +168,22 @@ class Simulation:
             payload = to_device(job.state, plan.ranks, self.global_ranks)
             trained = set(plan.train_layers)
             down_keys = [key for key in payload if plan.download == "all" or layer_of(key) is None or layer_of(key) in trained]
-            picks = sample_batches(w.parts[d], plan.steps, cfg.train.batch_size, (cfg.run.seed, 4004, rnd, d, k))
-            batches = make_batches(w.ids, w.labels, picks, w.pad_id)
-            flops = sum(step_flops(self.model.cost, [len(w.ids[i]) for i in p], self.model.num_layers,
-                                   len(plan.train_layers), cfg.fleet.backward_ratio) for p in picks)
-            update, loss = local_train(self.model, payload, plan, batches, cfg.train.lr, cfg.train.weight_decay,
-                                       torch_seed((cfg.run.seed, 5005, rnd, d, k)))
-            b_down, b_up = num_bytes(payload, bpp, down_keys), num_bytes(update, bpp)
+            sent.append((plan, payload, k, num_bytes(payload, bpp, down_keys)))
+        outputs = self.executor.run(rnd, [(plan, payload, k) for plan, payload, k, _ in sent])
+        results = []
+        for (plan, payload, k, b_down), out in zip(sent, outputs):
+            d = plan.device
+            if out is None:  # the device failed while working on it
+                dropped.add(d)
+                continue
+            b_up = num_bytes(out.update, bpp)
             up_bw, down_bw, lat = profiles[d].link(plan.link)
             self.meter.add(plan.link, up=b_up, down=b_down)
             results.append(TrainResult(
-                device=d, update=from_device(update, plan.ranks, self.global_ranks), num_examples=len(w.parts[d]),
-                train_loss=loss, compute_s=compute_time(flops, profiles[d]), down_s=transfer_time(b_down, down_bw, lat),
-                up_s=transfer_time(b_up, up_bw, lat), bytes_down=b_down, bytes_up=b_up))
+                device=d, update=from_device(out.update, plan.ranks, self.global_ranks), num_examples=out.num_examples,
+                train_loss=out.train_loss, compute_s=compute_time(out.flops, profiles[d]),
+                down_s=transfer_time(b_down, down_bw, lat), up_s=transfer_time(b_up, up_bw, lat),
+                bytes_down=b_down, bytes_up=b_up))
         return results
 
     def _context(self, rnd: int):

@@ -143,6 +143,12 @@ def load_fleet_file(path: str | Path) -> list[DeviceProfile]:
     return out
 
 
+# A group aggregator on the edge (an edge server wired to the devices' LAN): its WAN link to the PS.
+# 50 Mbit/s each way, 20 ms -- a typical wired uplink of a small edge site (our setting).
+EDGE_AGGREGATOR = DeviceProfile("edge", flops=0.0, memory_gb=0.0, wan_up_Bps=50 * MBIT, wan_down_Bps=50 * MBIT,
+                                wan_latency_s=0.02)
+
+
 def build_fleet(name: str, num_devices: int, seed: int) -> list[DeviceProfile]:
     """`num_devices` profiles drawn without replacement (seeded) from the named fleet."""
     rng = np.random.default_rng([seed, 1001])

@@ -156,7 +156,7 @@ class LocalModel:
     """A PEFT model that can take on any device's plan (see module docstring)."""
 
     def __init__(self, base: nn.Module, target_modules: list[str], physical_rank: int, alpha: float,
-                 lora_dropout: float = 0.0, seed: int = 0):
+                 lora_dropout: float = 0.0, seed: int = 0, device: str = "cpu"):
         from peft import LoraConfig, TaskType, get_peft_model
 
         self.alpha = alpha
@@ -193,6 +193,8 @@ class LocalModel:
         self.layout = Layout(self.num_layers, dict(sorted(modules.items())),
                              {k: tuple(p.shape) for k, p in self.head.items()})
         self.dropouts = [(name, m) for name, m in inner.named_modules() if isinstance(m, nn.Dropout)]
+        self.device = torch.device(device)
+        self.peft.to(self.device)
 
     # -- state ------------------------------------------------------------------------------
     def init_state(self, global_ranks: dict[int, int]) -> State:
@@ -203,10 +205,10 @@ class LocalModel:
             if R > self.physical_rank:
                 raise ValueError(f"global rank {R} of layer {layer} exceeds the model's LoRA rank {self.physical_rank}")
             if R > 0:
-                state[lora_key(layer, sub, "A")] = mod.lora_A["default"].weight.detach()[:R].clone()
+                state[lora_key(layer, sub, "A")] = mod.lora_A["default"].weight.detach()[:R].cpu().clone()
                 state[lora_key(layer, sub, "B")] = torch.zeros(mod.out_features, R)
         for k, p in self.head.items():
-            state[k] = p.detach().clone()
+            state[k] = p.detach().cpu().clone()
         return state
 
     @torch.no_grad()
@@ -237,11 +239,11 @@ class LocalModel:
         for (layer, sub), mod in sorted(self.lora.items()):
             if layer in layers and ranks.get(layer, 0) > 0:
                 r = ranks[layer]
-                out[lora_key(layer, sub, "A")] = mod.lora_A["default"].weight.detach()[:r].clone()
-                out[lora_key(layer, sub, "B")] = mod.lora_B["default"].weight.detach()[:, :r].clone()
+                out[lora_key(layer, sub, "A")] = mod.lora_A["default"].weight.detach()[:r].cpu().clone()
+                out[lora_key(layer, sub, "B")] = mod.lora_B["default"].weight.detach()[:, :r].cpu().clone()
         if head:
             for k, p in self.head.items():
-                out[k] = p.detach().clone()
+                out[k] = p.detach().cpu().clone()
         return out
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -263,4 +265,5 @@ class LocalModel:
         self.peft.eval()
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        dev = self.device
+        return self.peft(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits

@@ -7,11 +7,13 @@ so the simulator, a resumed run and a Flower SuperNode all compute the same upda
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hierfedlora.clock import step_flops
 from hierfedlora.data import collate
 from hierfedlora.lora_state import State
 from hierfedlora.models import LocalModel
@@ -47,7 +49,7 @@ def local_train(model: LocalModel, payload: State, plan: DevicePlan, batches: li
     torch.manual_seed(seed)
     total = 0.0
     for batch in batches:
-        loss = F.cross_entropy(model.logits(batch), batch["labels"])
+        loss = F.cross_entropy(model.logits(batch), batch["labels"].to(model.device))
         total += float(loss.detach())
         for name, value in plan.extra.items():
             if name in REGULARISERS:
@@ -69,7 +71,42 @@ def evaluate(model: LocalModel, batches: list[dict[str, torch.Tensor]]) -> tuple
     loss_sum, correct, n = 0.0, 0, 0
     for batch in batches:
         logits = model.logits(batch)
-        loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
-        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        labels = batch["labels"].to(model.device)
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
         n += len(batch["labels"])
     return loss_sum / n, correct / n
+
+
+@dataclass
+class DeviceData:
+    """What a device holds: token ids and labels (indexed by `positions`) and the pad id."""
+
+    ids: list[np.ndarray]
+    labels: np.ndarray
+    positions: np.ndarray
+    pad_id: int
+
+
+@dataclass
+class JobOutput:
+    update: State  # device convention: trained layers + head
+    train_loss: float
+    flops: float  # FLOPs of the local steps, from the real token lengths (for the simulated clock)
+    num_examples: int
+
+
+def run_job(model: LocalModel, data: DeviceData, payload: State, plan: DevicePlan, *, seed: int, rnd: int,
+            call: int, batch_size: int, lr: float, weight_decay: float, backward_ratio: float) -> JobOutput:
+    """Everything a device does for one plan; the simulator and a Flower SuperNode both call this.
+
+    Batches and the dropout seed derive from (seed, round, device, call), so the result does not
+    depend on where or in which order devices run.
+    """
+    picks = sample_batches(data.positions, plan.steps, batch_size, (seed, 4004, rnd, plan.device, call))
+    batches = make_batches(data.ids, data.labels, picks, data.pad_id)
+    flops = sum(step_flops(model.cost, [len(data.ids[i]) for i in p], model.num_layers, len(plan.train_layers),
+                           backward_ratio) for p in picks)
+    update, loss = local_train(model, payload, plan, batches, lr, weight_decay,
+                               torch_seed((seed, 5005, rnd, plan.device, call)))
+    return JobOutput(update, loss, flops, len(data.positions))
