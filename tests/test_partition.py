@@ -102,3 +102,18 @@ def test_bad_arguments(labels4, kw, word):
     args = {"num_devices": 10, **kw}
     with pytest.raises(ValueError, match=word):
         partition(labels4, **args)
+
+
+def test_dirichlet_device_equal_shares_cover_and_skew():
+    """Per-device Dirichlet works where flwr's per-class split fails (80 devices, binary, alpha 0.1)."""
+    labels = np.array([0] * 5000 + [1] * 7000)
+    skews = []
+    for a in (100.0, 1.0, 0.1):
+        parts = partition(labels, 80, "dirichlet_device", a, seed=3)
+        allp = np.concatenate(parts)
+        assert len(allp) == len(labels) == len(np.unique(allp))
+        assert {len(p) for p in parts} == {150}
+        skews.append(skew(label_histograms(labels, parts, 2)))
+    assert skews[0] < skews[1] < skews[2]
+    again = partition(labels, 80, "dirichlet_device", 0.1, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(again, partition(labels, 80, "dirichlet_device", 0.1, seed=3)))

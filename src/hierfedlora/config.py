@@ -48,7 +48,9 @@ class DataConfig(_Section):
 
 
 class PartitionConfig(_Section):
-    kind: Literal["dirichlet", "pathological", "iid"] = "dirichlet"
+    kind: Literal["dirichlet", "dirichlet_device", "pathological", "iid"] = Field(
+        "dirichlet", description="dirichlet: per-class Dir(alpha) split (flwr-datasets); dirichlet_device: equal "
+        "shares with per-device label mix Dir(alpha·p); pathological: k classes per device; iid.")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration: smaller is more skewed.")
     classes_per_device: int = Field(2, ge=1)
     min_partition_size: int = Field(10, ge=0)

@@ -8,6 +8,10 @@ SPEC §4 names three seeded label-skew schemes; the first two come from
 - ``pathological``: each device holds ``classes_per_device`` classes and each class
   is split evenly among the devices holding it.
 - ``iid``: a seeded shuffle cut into K near-equal shards.
+- ``dirichlet_device`` (ours): every device gets an equal share of the data and its own label
+  mix q_i ~ Dir(alpha * p), p the global label distribution (the per-client Dirichlet of Hsu et
+  al., 2019). Unlike the per-class split above it never leaves a device nearly empty, so it works
+  for 80 devices on a binary data set at alpha = 0.1, where flwr's partitioner fails.
 
 Two things flwr-datasets does not do for us, done here instead:
 
@@ -31,7 +35,7 @@ from flwr_datasets.partitioner import (
     PathologicalPartitioner,
 )
 
-KINDS = ("dirichlet", "pathological", "iid")
+KINDS = ("dirichlet", "dirichlet_device", "pathological", "iid")
 
 
 def _check(labels: np.ndarray, num_devices: int, kind: str, alpha: float,
@@ -49,7 +53,7 @@ def _check(labels: np.ndarray, num_devices: int, kind: str, alpha: float,
             f"num_devices={num_devices} exceeds the {len(labels)} examples to partition; "
             f"use fewer devices or more data"
         )
-    if kind == "dirichlet":
+    if kind in ("dirichlet", "dirichlet_device"):
         if not (np.isfinite(alpha) and alpha > 0):
             raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
         if min_partition_size < 0:
@@ -90,6 +94,8 @@ def partition(
     """
     labels = np.asarray(labels)
     _check(labels, num_devices, kind, alpha, classes_per_device, min_partition_size)
+    if kind == "dirichlet_device":
+        return _dirichlet_per_device(labels, num_devices, alpha, seed)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(labels))  # see module docstring: no contiguous runs
     ds = Dataset.from_dict({"label": labels[order].astype(np.int64), "pos": order})
@@ -123,12 +129,42 @@ def partition(
                     f"Dirichlet partition failed: with alpha={alpha}, {n_classes} classes and "
                     f"num_devices={num_devices}, 10 draws never gave every device at least "
                     f"min_partition_size={min_partition_size} of the {len(labels)} examples. "
-                    f"Raise alpha, lower min_partition_size, or use fewer devices."
+                    f"Raise alpha, lower min_partition_size, use fewer devices, or use kind='dirichlet_device' (equal shares, per-device label mix)."
                 ) from err
             raise ValueError(
                 f"{kind} partition of {len(labels)} examples over num_devices={num_devices} "
                 f"with classes_per_device={classes_per_device} failed: {err}"
             ) from err
+    return parts
+
+
+def _dirichlet_per_device(labels: np.ndarray, num_devices: int, alpha: float, seed: int) -> list[np.ndarray]:
+    """Equal shares, label mix q_i ~ Dir(alpha·p); a device whose drawn class has run out takes
+    the shortfall from its other classes in proportion to q_i, so every example is used once."""
+    rng = np.random.default_rng([seed, 77])
+    classes = np.unique(labels)
+    pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
+    p = np.array([len(pools[c]) for c in classes], dtype=float) / len(labels)
+    sizes = np.full(num_devices, len(labels) // num_devices)
+    sizes[: len(labels) % num_devices] += 1
+    parts: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * num_devices
+    for i in rng.permutation(num_devices):
+        q = rng.dirichlet(alpha * p * len(classes))
+        want = rng.multinomial(sizes[i], q)
+        left = np.array([len(pools[c]) for c in classes])
+        take = np.minimum(want, left)
+        short = sizes[i] - take.sum()
+        while short > 0:  # refill from classes with examples left, weighted by q (uniform if q is ~0 there)
+            room = left - take
+            w = np.where(room > 0, q + 1e-12, 0.0)
+            extra = np.minimum(rng.multinomial(short, w / w.sum()), room)
+            take += extra
+            short -= extra.sum()
+        mine = []
+        for c, k in zip(classes, take):
+            mine.extend(pools[c][:k])
+            del pools[c][:k]
+        parts[i] = np.sort(np.asarray(mine, dtype=np.int64))
     return parts
 
 
