@@ -109,7 +109,46 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("compare", help="run several methods on the same setting and write a report")
+    c.add_argument("config", nargs="?", help="TOML config; [variants.NAME] tables define extra methods (ablations)")
+    c.add_argument("--methods", default="fedlora,hetlora,flexlora,legend,hierfedlora",
+                   help="comma-separated method names or variant names")
+    c.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per method")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting for every run")
+    c.add_argument("--out", help="comparison directory (default: runs/compare-<config name>)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_compare)
+
+    rp = sub.add_parser("report", help="rebuild a comparison report from finished runs")
+    rp.add_argument("dirs", nargs="+", help="a compare directory, or run directories")
+    rp.add_argument("--out", help="where report.md goes (default: the first directory)")
+    rp.add_argument("--target", type=float, help="target accuracy (default: 95%% of FedLoRA's final accuracy)")
+    rp.set_defaults(func=cmd_report)
     return p
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from hierfedlora.compare import run_comparison
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.seeds < 1:
+        raise ConfigError("--seeds must be at least 1")
+    out = Path(args.out) if args.out else Path("runs") / f"compare-{Path(args.config).stem if args.config else 'default'}"
+    report = run_comparison(args.config, methods, args.seeds, out, args.set, progress=not args.quiet)
+    print(report.read_text())
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hierfedlora.compare import load_runs, write_report
+
+    dirs = [Path(d) for d in args.dirs]
+    out = Path(args.out) if args.out else dirs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    report = write_report(load_runs(dirs), out, args.target)
+    print(report.read_text())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

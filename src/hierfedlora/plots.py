@@ -33,3 +33,70 @@ def plot_accuracy(rows: list[dict[str, Any]], path: str | Path, title: str = "")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_curves(curves: dict[str, list[list[dict[str, Any]]]], x_key: str, path: str | Path, title: str) -> None:
+    """Test accuracy of each method (one line per seed, same colour) vs. simulated time or traffic."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    all_x = [r["sim_time_s"] for runs in curves.values() for rows in runs for r in rows]
+    for i, (label, runs) in enumerate(curves.items()):
+        colour = f"C{i % 10}"
+        for j, rows in enumerate(runs):
+            ev = [r for r in rows if "test_acc" in r]
+            if x_key == "bytes":
+                xs = [(r["bytes_up"] + r["bytes_down"]) / 1e6 for r in ev]
+            else:
+                xs = time_axis([r["sim_time_s"] for r in ev] + [max(all_x, default=0)])[0][:-1]
+            ax.plot(xs, [100 * r["test_acc"] for r in ev], color=colour, alpha=0.9 if j == 0 else 0.4,
+                    label=label if j == 0 else None)
+    ax.set_xlabel("traffic (MB, up + down)" if x_key == "bytes" else time_axis(all_x)[1])
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_bars(values: dict[str, float | None], path: str | Path, title: str) -> None:
+    """Bars of simulated time to target; methods that never reached it are marked."""
+    labels = list(values)
+    reached = [v for v in values.values() if v is not None]
+    xs, unit = time_axis(reached)
+    scale = (xs[0] / reached[0]) if reached and reached[0] else 1.0
+    fig, ax = plt.subplots(figsize=(7, 4))
+    heights = [(v or 0.0) * scale for v in values.values()]
+    bars = ax.bar(labels, heights, color=[f"C{i % 10}" for i in range(len(labels))])
+    for b, v in zip(bars, values.values()):
+        if v is None:
+            ax.annotate("not reached", (b.get_x() + b.get_width() / 2, 0), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_arms(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """Per group, the fine-tuning depth and intra-group frequency chosen each round (HierFedLoRA)."""
+    per_group: dict[int, list[tuple[int, int, int]]] = {}
+    for r in rows:
+        for g in r.get("groups", []):
+            per_group.setdefault(int(g["group"]), []).append((r["round"], g["depth"], g["tau"]))
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    for k, pts in sorted(per_group.items()):
+        rounds, depth, tau = zip(*pts)
+        a1.step(rounds, depth, where="mid", label=f"group {k}")
+        a2.step(rounds, tau, where="mid", label=f"group {k}")
+    a1.set_ylabel("depth d (layers)")
+    a2.set_ylabel("frequency τ")
+    a2.set_xlabel("global round")
+    a1.set_title(title)
+    a1.legend(fontsize=7, ncol=4)
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
