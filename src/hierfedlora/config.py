@@ -28,19 +28,19 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name: str = Field("minilm", description="Registry name (minilm, smollm2), a local folder, or a hub model id.")
+    name: str = Field("minilm", description="Registry name (minilm; tiny-bert, tiny-llama for tests), a local folder, or a hub model id.")
     target_modules: list[str] = Field(["query", "value"], description="Linear modules inside each layer that get LoRA.")
     rank: int = Field(8, ge=1, description="LoRA rank r (methods with per-device ranks treat it as the maximum).")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha/r.")
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input (trained layers only).")
     max_length: int = Field(64, ge=8, description="Tokens kept per example.")
 
 
 class DataConfig(_Section):
     name: str = Field("rotten_tomatoes", description="rotten_tomatoes, health_tweets, trec, or a .csv/.jsonl/.parquet path.")
-    text_column: str = "text"
-    label_column: str = "label"
-    test_fraction: float = Field(0.2, gt=0, lt=1)
+    text_column: str = Field("text", description="Text column of a user data file.")
+    label_column: str = Field("label", description="Label column of a user data file (strings or integers).")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Stratified, seeded test split.")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="Held out of train for server-side validation (bandit rewards).")
     max_examples: int | None = Field(None, ge=10, description="Seeded stratified subsample of the whole data set.")
     max_test_examples: int | None = Field(1000, ge=10, description="Cap on test examples evaluated (seeded, stratified).")
@@ -52,8 +52,8 @@ class PartitionConfig(_Section):
         "dirichlet", description="dirichlet: per-class Dir(alpha) split (flwr-datasets); dirichlet_device: equal "
         "shares with per-device label mix Dir(alpha·p); pathological: k classes per device; iid.")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration: smaller is more skewed.")
-    classes_per_device: int = Field(2, ge=1)
-    min_partition_size: int = Field(10, ge=0)
+    classes_per_device: int = Field(2, ge=1, description="Classes per device for kind = pathological.")
+    min_partition_size: int = Field(10, ge=0, description="Fewest examples per device for kind = dirichlet.")
 
 
 class FleetConfig(_Section):
@@ -76,21 +76,21 @@ class FleetConfig(_Section):
 
 class TrainConfig(_Section):
     local_steps: int = Field(4, ge=1, description="Local steps E per device per (intra-group) round.")
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    eval_batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(16, ge=1, description="Local batch size.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of local training (fresh optimiser each local round).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    eval_batch_size: int = Field(128, ge=1, description="Batch size of evaluation (test and validation).")
     threads: int = Field(0, ge=0, description="torch threads (0 = all cores).")
     device: str = Field("auto", description="Where the simulator computes: auto (cuda if present), cpu, cuda, cuda:N.")
 
 
 class RunConfig(_Section):
-    seed: int = 0
-    rounds: int = Field(12, ge=1)
-    eval_every: int = Field(2, ge=1)
-    checkpoint_every: int = Field(2, ge=1)
-    target_acc: float | None = Field(None, gt=0, le=1)
-    progress: bool = True
+    seed: int = Field(0, description="Seeds data split, partition, fleet draw, model init and training.")
+    rounds: int = Field(12, ge=1, description="Global rounds.")
+    eval_every: int = Field(2, ge=1, description="Evaluate on the test split every N rounds (and after the last).")
+    checkpoint_every: int = Field(2, ge=1, description="Write checkpoint.pt every N rounds.")
+    target_acc: float | None = Field(None, gt=0, le=1, description="Report simulated time/traffic to this test accuracy.")
+    progress: bool = Field(True, description="Show a progress bar.")
 
 
 class ExperimentConfig(_Section):
