@@ -17,8 +17,9 @@ def default_out(config_path: str | None) -> Path:
 
 
 def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False, resume: bool = False,
-                   progress: bool = True, export: bool = True) -> dict[str, Any]:
-    """Run (or resume) one experiment into `out`; returns its summary."""
+                   progress: bool = True, export: bool = True, executor=None) -> dict[str, Any]:
+    """Run (or resume) one experiment into `out`; returns its summary. `executor` runs the devices'
+    jobs (default: in this process; `hierfedlora.flower` passes one that uses SuperNodes)."""
     from tqdm.auto import tqdm
 
     from hierfedlora.adapter import export_adapter
@@ -28,7 +29,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
     if not resume:
         prepare_run_dir(cfg, out, overwrite)
     t0 = time.perf_counter()
-    sim = Simulation(cfg, out)
+    sim = Simulation(cfg, out, executor=executor)
     if resume and (out / CHECKPOINT).exists():
         sim.load_checkpoint(out / CHECKPOINT)
     bar = tqdm(total=cfg.run.rounds, initial=sim.round, desc=sim.method, unit="round",

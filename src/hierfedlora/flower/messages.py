@@ -1,0 +1,142 @@
+"""What crosses the wire between the ServerApp and a device's ClientApp, as typed Flower records.
+
+One module owns the wire format so the server side (`executor`) and the device side (`client_app`)
+cannot drift apart. A training message carries
+
+- ``"payload"`` (ArrayRecord): the LoRA tensors of the device's plan, device convention
+  (`lora_state.to_device`); with ``download="trained"`` only the trained layers and the head,
+  the device takes the frozen layers from the copy it kept (``base-tag`` names that copy);
+- ``"plan"`` (ConfigRecord): device, round, call index, steps, ranks, trained layers, link,
+  download, method extras, and the tags of the held copy;
+- ``"train"`` (ConfigRecord): seed and training settings, and the experiment's fingerprint.
+
+The reply carries ``"update"`` (ArrayRecord: trained layers + head) and ``"metrics"``
+(MetricRecord: train loss, FLOPs, examples, and the bytes the device measured it received), or
+``"status"`` (ConfigRecord) when the device cannot take the job as sent (e.g. its held copy is gone).
+Rank maps and layer lists travel as JSON strings: ConfigRecord lists must be non-empty and
+homogeneous, and a JSON object keeps the layer -> rank pairing readable.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from hierfedlora.lora_state import State
+from hierfedlora.strategies.base import DevicePlan
+from hierfedlora.trainer import JobOutput
+
+TRAIN = "train"  # Flower message types
+QUERY = "query"
+
+PAYLOAD, PLAN, SETTINGS, UPDATE, METRICS, STATUS, EXPERIMENT, NODE = (
+    "payload", "plan", "train", "update", "metrics", "status", "experiment", "node")
+STALE_BASE = "stale-base"  # status: the device no longer holds the copy the server assumed
+NOT_SET_UP = "not-set-up"  # status: the node never received the experiment (answer the query first)
+
+
+# -- tensors -----------------------------------------------------------------------------------
+def state_to_record(state: State) -> ArrayRecord:
+    """Tensors -> ArrayRecord (float32 stays float32: the wire carries exactly what trains)."""
+    return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy()) for k, v in state.items()})
+
+
+def record_to_state(rec: ArrayRecord) -> State:
+    return {k: torch.from_numpy(np.array(a.numpy())) for k, a in rec.items()}
+
+
+def tensor_bytes(rec: ArrayRecord) -> int:
+    """Raw tensor bytes in a record (numel x itemsize): what our traffic meter counts at 4 B/param."""
+    return int(sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in rec.values()))
+
+
+def wire_bytes(content: RecordDict) -> int:
+    """Bytes of the serialized objects Flower transfers for this content (arrays with their npy
+    headers, record and message bodies), each distinct object once, as Flower's object store
+    sends it. Falls back to the records' own `count_bytes` if the object API is unavailable."""
+    try:
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+        return int(sum(len(o.deflate()) for o in get_all_nested_objects(content).values()))
+    except Exception:  # noqa: BLE001 - internal API; the public count is a close lower bound
+        return int(sum(r.count_bytes() for r in content.values()))
+
+
+# -- plans -------------------------------------------------------------------------------------
+def plan_record(plan: DevicePlan, rnd: int, call: int, tag: str, base_tag: str) -> ConfigRecord:
+    return ConfigRecord({
+        "device": int(plan.device), "round": int(rnd), "call": int(call), "steps": int(plan.steps),
+        "ranks": json.dumps({str(l): int(r) for l, r in sorted(plan.ranks.items())}),
+        "train-layers": json.dumps([int(l) for l in plan.train_layers]),
+        "link": plan.link, "download": plan.download, "extra": json.dumps(plan.extra, sort_keys=True),
+        "tag": tag, "base-tag": base_tag,
+    })
+
+
+def plan_from_record(rec: ConfigRecord) -> tuple[DevicePlan, int, int]:
+    """(plan, round, call index) from a plan record."""
+    plan = DevicePlan(
+        device=int(rec["device"]),
+        ranks={int(l): int(r) for l, r in json.loads(str(rec["ranks"])).items()},
+        train_layers=tuple(int(l) for l in json.loads(str(rec["train-layers"]))),
+        steps=int(rec["steps"]), link=str(rec["link"]), download=str(rec["download"]),
+        extra=json.loads(str(rec["extra"])),
+    )
+    return plan, int(rec["round"]), int(rec["call"])
+
+
+def settings_record(seed: int, batch_size: int, lr: float, weight_decay: float, backward_ratio: float,
+                    fingerprint: str) -> ConfigRecord:
+    return ConfigRecord({"seed": int(seed), "batch-size": int(batch_size), "lr": float(lr),
+                         "weight-decay": float(weight_decay), "backward-ratio": float(backward_ratio),
+                         "fingerprint": fingerprint})
+
+
+def train_content(payload: State, plan: DevicePlan, rnd: int, call: int, tag: str, base_tag: str,
+                  settings: ConfigRecord) -> RecordDict:
+    return RecordDict({PAYLOAD: state_to_record(payload), PLAN: plan_record(plan, rnd, call, tag, base_tag),
+                       SETTINGS: settings})
+
+
+# -- replies -----------------------------------------------------------------------------------
+def reply_content(out: JobOutput, received_bytes: int) -> RecordDict:
+    return RecordDict({
+        UPDATE: state_to_record(out.update),
+        METRICS: MetricRecord({"train-loss": float(out.train_loss), "flops": float(out.flops),
+                               "num-examples": int(out.num_examples), "received-bytes": int(received_bytes)}),
+    })
+
+
+def status_content(status: str, detail: str = "") -> RecordDict:
+    return RecordDict({STATUS: ConfigRecord({"status": status, "detail": detail})})
+
+
+def reply_status(content: RecordDict) -> str | None:
+    """The status of a reply that carries no update (None for a normal reply)."""
+    if STATUS in content.config_records:
+        return str(content.config_records[STATUS]["status"])
+    return None
+
+
+def output_from_reply(content: RecordDict) -> JobOutput:
+    m = content.metric_records[METRICS]
+    return JobOutput(update=record_to_state(content.array_records[UPDATE]), train_loss=float(m["train-loss"]),
+                     flops=float(m["flops"]), num_examples=int(m["num-examples"]))
+
+
+# -- the experiment a node joins ---------------------------------------------------------------
+def experiment_content(toml_text: str, fingerprint: str) -> RecordDict:
+    return RecordDict({EXPERIMENT: ConfigRecord({"toml": toml_text, "fingerprint": fingerprint})})
+
+
+def node_content(partition_id: int, num_examples: int, fingerprint: str) -> RecordDict:
+    return RecordDict({NODE: ConfigRecord({"partition-id": int(partition_id), "num-examples": int(num_examples),
+                                           "fingerprint": fingerprint})})
+
+
+def json_safe(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d, default=str))

@@ -1,0 +1,107 @@
+"""The server side of a Flower deployment: a ServerApp that drives any of our strategies.
+
+It runs the very experiment `hierfedlora run` runs — same config file, same `Simulation` (strategy,
+server state, clock, traffic meter, evaluation, checkpoints, outputs) — except that devices' local
+work goes to SuperNodes through `FlowerExecutor`. Settings come from the Flower run config
+(``[tool.flwr.app.config]`` in pyproject.toml, overridable with ``flwr run --run-config``):
+
+- ``experiment-config``: the experiment TOML ("" = built-in defaults); a relative path is looked up
+  in the ServerApp's working directory, then inside the Flower App;
+- ``set``: ``key=value`` overrides separated by ``;``;
+- ``run-dir``, ``overwrite``, ``resume``: the run directory, as in `hierfedlora run`;
+- ``round-timeout``, ``node-wait``, ``query-timeout``: seconds (see `FlowerExecutor`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    experiment_config: str = ""
+    overrides: tuple[str, ...] = ()
+    run_dir: str = "runs/flower"
+    overwrite: bool = False
+    resume: bool = False
+    round_timeout: float = 600.0
+    node_wait: float = 120.0
+    query_timeout: float = 120.0
+
+    @classmethod
+    def from_run_config(cls, rc: dict[str, Any]) -> "ServerOptions":
+        sets = tuple(s.strip() for s in str(rc.get("set", "")).split(";") if s.strip())
+        return cls(experiment_config=str(rc.get("experiment-config", "")), overrides=sets,
+                   run_dir=str(rc.get("run-dir", cls.run_dir)), overwrite=bool(rc.get("overwrite", False)),
+                   resume=bool(rc.get("resume", False)), round_timeout=float(rc.get("round-timeout", 600.0)),
+                   node_wait=float(rc.get("node-wait", 120.0)), query_timeout=float(rc.get("query-timeout", 120.0)))
+
+
+def _app_dir(grid: Grid) -> Path | None:
+    try:
+        from flwr.common.config import get_project_dir
+
+        run = grid.run
+        return get_project_dir(run.fab_id, run.fab_version, run.fab_hash)
+    except Exception:  # noqa: BLE001 - only a fallback location for relative config paths
+        return None
+
+
+def resolve_config_path(path: str, app_dir: Path | None) -> Path | None:
+    if not path:
+        return None
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists() or app_dir is None:
+        return p
+    return app_dir / p if (app_dir / p).exists() else p
+
+
+def run_on_grid(grid: Grid, opts: ServerOptions, log=print) -> dict[str, Any]:
+    """Run one experiment with its devices on the grid's SuperNodes; returns the summary."""
+    from hierfedlora.cli import run_experiment
+    from hierfedlora.config import load_config
+    from hierfedlora.flower.executor import FlowerExecutor
+
+    out = Path(opts.run_dir).expanduser()
+    resume = opts.resume and (out / "config.toml").is_file()
+    if resume:
+        cfg = load_config(out / "config.toml")
+    else:
+        cfg = load_config(resolve_config_path(opts.experiment_config, _app_dir(grid)), list(opts.overrides))
+    executor = FlowerExecutor(grid, cfg, out, round_timeout=opts.round_timeout, node_wait=opts.node_wait,
+                              query_timeout=opts.query_timeout, resume=resume, log=log)
+    log(f"[flower] {cfg.method.get('name', 'fedlora')}: {cfg.fleet.num_devices} devices, {cfg.run.rounds} rounds -> {out}")
+    summary = run_experiment(cfg, out, overwrite=opts.overwrite, resume=resume, progress=False, executor=executor)
+    traffic = executor.traffic_summary()
+    (out / "flower_traffic_summary.json").write_text(json.dumps(traffic, indent=2))
+    summary["flower"] = {k: traffic[k] for k in ("meter_bytes", "flower_tensor_bytes", "flower_wire_bytes",
+                                                 "wire_over_meter", "nodes")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(f"[flower] done: {json.dumps({k: summary.get(k) for k in ('final_acc', 'rounds', 'wall_time_s')})}")
+    return summary
+
+
+STATUS_FILE = "flower_status.json"  # written last: {"status": "completed" | "failed", ...}
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    opts = ServerOptions.from_run_config(dict(context.run_config))
+    status = Path(opts.run_dir).expanduser() / STATUS_FILE
+    status.unlink(missing_ok=True)
+    try:
+        summary = run_on_grid(grid, opts)
+    except BaseException as e:
+        if status.parent.is_dir():
+            status.write_text(json.dumps({"status": "failed", "error": f"{type(e).__name__}: {e}"}))
+        raise
+    status.write_text(json.dumps({"status": "completed", "final_acc": summary.get("final_acc"),
+                                  "rounds": summary.get("rounds")}))
