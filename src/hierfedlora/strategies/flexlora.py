@@ -1,0 +1,79 @@
+"""FlexLoRA baseline (SPEC §2; Bai et al., "Federated Fine-tuning of Large Language Models under
+Heterogeneous Tasks and Client Resources", NeurIPS 2024): devices train LoRA in every layer at their
+own rank r_k; the server forms the full update ΔW_l = Σ_k p_k·ΔW_{k,l} (p_k ∝ data size), takes its
+SVD and keeps rank-R factors, of which each device receives the first r_k slots: the best rank-r_k
+approximation of the aggregate (Eckart-Young).
+
+* **Ranks from capacity**, exactly as in `hetlora` (`capacity_ranks`, log-linear between r_min for
+  the slowest and r_max for the fastest device), so the two baselines differ only in aggregation.
+* **Scale.** Updates arrive in the server convention, where a rank-r_k update's (α/R_l)·B_k·A_k is the
+  device's own (α/r_k)-scaled ΔW (`lora_state`); the sum is taken over those products, never over the
+  factors, so devices of different ranks add up correctly.
+* **Singular-value split.** ΔW = U S Vᵀ is stored as B = sqrt(R/α)·U√S and A = sqrt(R/α)·√S Vᵀ
+  (`aggregate.svd_factors`): (α/R)·B·A is the rank-R truncation, and `to_device`'s B rescale by r/R
+  turns the first r_k slots into a genuine rank-r_k LoRA with scale α/r_k whose ΔW is the rank-r_k
+  truncation. √S goes into both factors so A and B start local training at the same scale (each
+  factor's gradient is proportional to the other); any split gives the same ΔW.
+* Slots beyond the rank of ΔW come back as zero in both A and B, and a slot with A = B = 0 gets no
+  gradient on a device. Generically the aggregate's rank is at least max_k r_k (it sums the devices'
+  different rank-r_k updates), so every slot a device uses is live.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hierfedlora.aggregate import svd_redistribute
+from hierfedlora.lora_state import State
+from hierfedlora.strategies.base import DevicePlan, Job, RoundContext, RoundReport, SetupInfo, weighted_loss
+from hierfedlora.strategies.hetlora import capacity_ranks, device_capacity, resolve_rank_bounds
+
+NAME = "flexlora"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rank_min: int = Field(2, ge=1, description="Rank of the slowest device (clamped to rank_max).")
+    rank_max: int | None = Field(None, ge=1, description="Rank of the fastest device and of the server; None = model.rank.")
+    capacity: Literal["round_time", "flops"] = Field(
+        "round_time", description="Device capacity behind its rank: 1/predicted full-rank round time, or FLOP/s.")
+
+
+class Strategy:
+    def __init__(self, settings: Settings, setup: SetupInfo):
+        self.setup = setup
+        self.L = setup.layout.num_layers
+        self.rank_min, self.rank_max = resolve_rank_bounds(settings.rank_min, settings.rank_max, setup.rank, NAME)
+        self.ranks = capacity_ranks(device_capacity(setup, settings.capacity, self.rank_max), self.rank_min, self.rank_max)
+
+    def global_ranks(self) -> dict[int, int]:
+        return {l: self.rank_max for l in range(self.L)}
+
+    def lowest_trainable_layer(self) -> int:
+        return 0
+
+    def run_round(self, rnd: int, state: State, ctx: RoundContext) -> tuple[State, RoundReport]:
+        plans = {d: DevicePlan(d, {l: self.ranks[d] for l in range(self.L)}, tuple(range(self.L)), self.setup.local_steps)
+                 for d in ctx.available}
+        config = [{"device": d, "depth": self.L, "ranks": [self.ranks[d]] * self.L} for d in ctx.available]
+        results = ctx.train([Job(p, state) for p in plans.values()])
+        if not results:
+            return state, RoundReport(0.0, float("nan"), [], {"device_config": config})
+        # ΔW_l = Σ_k p_k ΔW_{k,l},  p_k = n_k / Σ n;  A_l, B_l = SVD_R(ΔW_l)
+        new = svd_redistribute(state, [r.update for r in results], [plans[r.device].ranks for r in results],
+                               [r.num_examples for r in results], self.setup.alpha, self.global_ranks())
+        return new, RoundReport(
+            sim_time_s=max(r.time_s for r in results),
+            train_loss=weighted_loss(results),
+            participants=[r.device for r in results],
+            extra={"device_config": config},
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        pass
