@@ -129,3 +129,13 @@ def test_config_differs_from_fedlora_only_in_method():
     assert {k: v for k, v in a.items() if k != "method"} == {k: v for k, v in b.items() if k != "method"}
     from hierfedlora.strategies.hierfedlora import Settings
     assert b["method"] == {"name": "hierfedlora", **Settings().model_dump(exclude_none=True)}
+
+
+def test_random_grouping_ablation_uses_seeded_random_groups(tiny_cfg):
+    from hierfedlora.engine import Simulation
+    from hierfedlora.grouping import random_groups
+
+    cfg = tiny_cfg(**{"method.name": "hierfedlora", "method.num_groups": 2, "method.grouping": "random", "run.rounds": 1})
+    sim = Simulation(cfg)
+    assert sim.strategy.groups == random_groups(cfg.fleet.num_devices, 2, cfg.run.seed)
+    sim.step()

@@ -69,7 +69,7 @@ from hierfedlora.aggregate import slot_average
 from hierfedlora.bandit import RUCB
 from hierfedlora.clock import transfer_time
 from hierfedlora.fleet import EDGE_AGGREGATOR, DeviceProfile
-from hierfedlora.grouping import group_devices, grouping_report
+from hierfedlora.grouping import group_devices, grouping_report, random_groups
 from hierfedlora.lora_state import State, layer_of, num_bytes
 from hierfedlora.strategies.base import DevicePlan, Job, RoundContext, RoundReport, SetupInfo, TrainResult, weighted_loss
 
@@ -88,6 +88,8 @@ class Settings(BaseModel):
     size_slack: float = Field(0.0, ge=0, description=(
         "Balance of group sizes: sizes lie in [floor(n/K·(1-s)), ceil(n/K·(1+s))]; 0 = equal sizes (±1)."))
     grouping_passes: int = Field(20, ge=0, description="Most refinement sweeps of the greedy grouping.")
+    grouping: Literal["near_iid", "random"] = Field("near_iid", description=(
+        "near_iid: the KL + λ·spread grouping above; random: seeded random equal-size groups (ablation)."))
     depths: list[int] | None = Field(None, description="Arm depths d (top layers that train LoRA); unset = 1..L.")
     taus: list[int] = Field([1, 2, 4], description="Arm frequencies τ (intra-group rounds per global round).")
     fixed_depth: int | None = Field(None, ge=1, description="Pin the depth (ablation); the bandit then picks τ only.")
@@ -180,8 +182,11 @@ class Strategy:
         self.link = "lan" if self.edge else "wan"
         self.ranks = {l: setup.rank for l in range(L)}
         self.device_round_s = self._device_round_times()
-        self.groups = group_devices(setup.label_hists, self.device_round_s, settings.num_groups,
-                                    settings.grouping_lambda, settings.size_slack, setup.seed, settings.grouping_passes)
+        if settings.grouping == "random":
+            self.groups = random_groups(n, settings.num_groups, setup.seed)
+        else:
+            self.groups = group_devices(setup.label_hists, self.device_round_s, settings.num_groups,
+                                        settings.grouping_lambda, settings.size_slack, setup.seed, settings.grouping_passes)
         self.bandits = [RUCB(len(self.arms), settings.exploration) for _ in self.groups]
 
     def _device_round_times(self) -> list[float]:
