@@ -16,6 +16,7 @@ import json
 import math
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +28,7 @@ from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from pydantic import BaseModel, ConfigDict  # noqa: E402
 
 from hierfedlora.aggregate import slot_average  # noqa: E402
-from hierfedlora.cli import run_experiment  # noqa: E402
+from hierfedlora.cli import main, run_experiment  # noqa: E402
 from hierfedlora.config import dump_config  # noqa: E402
 from hierfedlora.engine import Simulation  # noqa: E402
 from hierfedlora.flower import client_app  # noqa: E402
@@ -196,6 +197,18 @@ def test_flower_executor_reproduces_the_engine(tiny_cfg, tmp_path):
     assert {e["device"]: e["node_id"] for e in events if e["event"] == "joined"} == {0: 1000, 1: 1001, 2: 1002}
 
 
+@pytest.mark.parametrize("method", sorted(registry.available()))
+def test_every_registered_strategy_runs_unchanged_through_flower(tiny_cfg, tmp_path, method):
+    """Any strategy module (LEGEND's per-device depths and ranks, HierFedLoRA's intra-group rounds,
+    HetLoRA's regulariser option, ...) gives the engine's results when its devices are SuperNodes."""
+    cfg = tiny_cfg(**{"run.rounds": 2, "fleet.num_devices": 4, "method.name": method})
+    local = Simulation(cfg).run()
+    sim, out = _flower_sim(cfg, tmp_path, LoopbackGrid([0, 1, 2, 3]))
+    _same_rows(local, sim.run(), tol=1e-6)
+    traffic = read_jsonl(out / "flower_traffic.jsonl")
+    assert traffic and all(r["status"] == "ok" and r["flower_down_tensor"] == r["meter_down"] for r in traffic)
+
+
 def test_intra_group_rounds_and_per_device_ranks(tiny_cfg, tmp_path, two_tier):
     cfg = tiny_cfg(**{"run.rounds": 2, "fleet.num_devices": 4, "method.name": "twotier"})
     local = Simulation(cfg).run()
@@ -234,6 +247,23 @@ def test_failed_devices_are_dropped_and_recorded(tiny_cfg, tmp_path):
     assert start["missing"] == [2]
 
 
+def test_run_config_and_cli_options(tmp_path, capsys):
+    from hierfedlora.flower.server_app import ServerOptions, resolve_config_path
+
+    o = ServerOptions.from_run_config({"experiment-config": "configs/x.toml", "set": "run.rounds=3; train.lr=5e-4;",
+                                       "run-dir": "/r", "round-timeout": 30, "resume": True})
+    assert o.overrides == ("run.rounds=3", "train.lr=5e-4") and o.round_timeout == 30.0 and o.resume
+    (tmp_path / "app" / "configs").mkdir(parents=True)
+    (tmp_path / "app" / "configs" / "x.toml").write_text("")
+    assert resolve_config_path("configs/x.toml", tmp_path / "app") == tmp_path / "app" / "configs" / "x.toml"
+    assert resolve_config_path("", tmp_path) is None
+    assert main(["flower", "--auth"]) == 2 and "--tls" in capsys.readouterr().err
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}")
+    assert main(["flower", "--out", str(out)]) == 2 and "--resume" in capsys.readouterr().err
+
+
 # -- real processes on 127.0.0.1 -------------------------------------------------------------
 @pytest.fixture
 def federation(tmp_path):
@@ -252,13 +282,16 @@ def federation(tmp_path):
         assert fed.superlink.poll() is not None and all(p.poll() is not None for p in fed.nodes.values())
 
 
-def _run_both(cfg, tmp_path, fed, timeout: float = 600, **run_config):
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run_both(cfg, tmp_path, fed, timeout: float = 600, app_dir=None):
     """The in-process run and the Flower run of one config; returns both run directories."""
     cfg_path = tmp_path / "experiment.toml"
     dump_config(cfg, cfg_path)
     run_experiment(cfg, tmp_path / "local", progress=False, export=False)
     status = fed.run({"experiment-config": str(cfg_path), "run-dir": str(tmp_path / "flower"), "round-timeout": 180.0,
-                      "node-wait": 120.0, "query-timeout": 120.0, **run_config}, timeout=timeout)
+                      "node-wait": 120.0, "query-timeout": 120.0}, timeout=timeout, app_dir=app_dir)
     assert status == "finished:completed", (status, (fed.root / "logs" / "superlink.log").read_text()[-3000:])
     return tmp_path / "local", tmp_path / "flower"
 
@@ -268,28 +301,65 @@ def _final_metrics_agree(local_dir, flower_dir):
     _same_rows(a, b, tol=1e-5)
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (local_dir, flower_dir))
     assert sa["final_acc"] == pytest.approx(sb["final_acc"], abs=1e-9)
-    assert sa["bytes_total"] == sb["bytes_total"] == sb["flower"]["meter_bytes"] == sb["flower"]["flower_tensor_bytes"]
+    assert sa["bytes_total"] == sb["bytes_total"]
+    # job by job, the tensors Flower carried are what the meter booked for that device
+    jobs = read_jsonl(flower_dir / "flower_traffic.jsonl")
+    assert jobs and all(r["status"] == "ok" and r["flower_down_tensor"] == r["meter_down"]
+                        and r["flower_up_tensor"] == r["meter_up"] for r in jobs)
+    # the final server states (every LoRA factor and the head) agree, not only the metrics
+    xa, xb = (torch.load(d / "checkpoint.pt", weights_only=False)["state"] for d in (local_dir, flower_dir))
+    assert set(xa) == set(xb) and all(torch.allclose(xa[k], xb[k], atol=1e-5, rtol=1e-4) for k in xa)
+
+
+@pytest.fixture
+def no_stray_processes():
+    """Safety net for tests whose processes a command starts: none may outlive the test."""
+    import psutil
+
+    yield
+    stray = psutil.Process().children(recursive=True)
+    for p in stray:
+        p.kill()
+    assert not stray, [p.pid for p in stray]
 
 
 @pytest.mark.flower_processes
-def test_fedlora_over_tls_with_supernode_auth_matches_engine(tiny_cfg, tmp_path, federation):
+def test_fedlora_over_tls_with_supernode_auth_matches_engine(tiny_cfg, tmp_path, no_stray_processes, capsys):
+    """`hierfedlora flower --tls --auth`: 3 SuperNodes, every link TLS, every node registered by its key."""
     cfg = tiny_cfg(**{"run.rounds": 2, "fleet.num_devices": 3, "train.threads": 1})
-    fed = federation(3, tls=True, auth=True)
-    local, flower = _run_both(cfg, tmp_path, fed)
-    _final_metrics_agree(local, flower)
-    assert "TLS" in (fed.root / "certs" / "ca.crt").read_text() or (fed.root / "certs" / "ca.crt").stat().st_size > 0
+    cfg_path = tmp_path / "experiment.toml"
+    dump_config(cfg, cfg_path)
+    run_experiment(cfg, tmp_path / "local", progress=False, export=False)
+    work = tmp_path / "fed"
+    assert main(["flower", str(cfg_path), "--out", str(tmp_path / "flower"), "--work", str(work), "--tls", "--auth",
+                 "--round-timeout", "180", "--node-wait", "120"]) == 0, capsys.readouterr().out
+    flower = tmp_path / "flower"
+    _final_metrics_agree(tmp_path / "local", flower)
+    summary = json.loads((flower / "summary.json").read_text())
+    # FedLoRA has no aggregator<->PS transfers: all the meter booked crossed Flower, byte for byte
+    assert summary["flower"]["meter_bytes"] == summary["flower"]["flower_tensor_bytes"] == summary["bytes_total"]
+    net = json.loads((flower / "flower_run.json").read_text())["network-traffic"]
+    assert net["total-bytes"] >= summary["flower"]["flower_wire_bytes"]  # Flower's own count, with protocol overhead
+    log = (work / "logs" / "superlink.log").read_text()
+    assert "running on https://127.0.0.1:" in log  # TLS, and every SuperNode was registered by its key
+    assert log.count("RegisterNode] Created node_id") == 3
+    assert "round 2: 3 devices" in capsys.readouterr().out
 
 
 @pytest.mark.flower_processes
 def test_hierfedlora_across_supernodes_matches_engine(tiny_cfg, tmp_path, federation):
     if "hierfedlora" not in registry.available():
         pytest.fail("strategy 'hierfedlora' is not in hierfedlora.strategies yet")
-    cfg = tiny_cfg(**{"run.rounds": 2, "fleet.num_devices": 3, "train.threads": 1, "method.name": "hierfedlora"})
+    cfg = tiny_cfg(**{"run.rounds": 1, "fleet.num_devices": 3, "train.threads": 1, "method.name": "hierfedlora",
+                      "method.num_groups": 2, "method.taus": [2]})
     fed = federation(3)
-    local, flower = _run_both(cfg, tmp_path, fed)
+    local, flower = _run_both(cfg, tmp_path, fed, app_dir=REPO)  # `flwr run <repo>`: pyproject's [tool.flwr.app]
     _final_metrics_agree(local, flower)
     calls = [e for e in read_jsonl(flower / "flower_nodes.jsonl") if e["event"] == "train"]
-    assert len(calls) >= 2
+    assert len(calls) == 2 * 2  # groups x intra-group rounds, each a send_and_receive
+    traffic = read_jsonl(flower / "flower_traffic.jsonl")
+    later = [r for r in traffic if r["download"] == "trained"]
+    assert later and all(r["status"] == "ok" and r["flower_down_tensor"] == r["meter_down"] for r in later)
 
 
 @pytest.mark.flower_processes
@@ -299,22 +369,20 @@ def test_killed_supernode_is_dropped_then_rejoins(tiny_cfg, tmp_path, federation
     dump_config(cfg, cfg_path)
     fed = federation(3)
     out = tmp_path / "flower"
-    state = {"killed": False, "restarted": False}
+    node_log = fed.root / "logs" / "supernode-2.log"
+    state = {"killed": False}
 
-    def chaos() -> None:  # round 2's jobs are out once round 1's row is written: kill device 2 then
-        rows = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
-        done = max((r["round"] for r in rows), default=-1)
-        if done >= 1 and not state["killed"]:
-            time.sleep(2)
+    def chaos() -> None:
+        """Once device 2's SuperNode has received its round-2 job, kill it (SIGKILL, mid-round) and
+        start a new SuperNode for device 2 at once: round 2 must drop device 2, round 3 re-map it."""
+        if not state["killed"] and node_log.read_text(errors="replace").count("Receiving: train message") >= 2:
             fed.kill_supernode(2)
-            state["killed"] = True
-        if done >= 2 and state["killed"] and not state["restarted"]:
             fed.start_supernode(2)
-            state["restarted"] = True
+            state["killed"] = True
 
     status = fed.run({"experiment-config": str(cfg_path), "run-dir": str(out), "round-timeout": 60.0,
                       "node-wait": 120.0, "query-timeout": 120.0}, timeout=900, on_poll=chaos)
-    assert status == "finished:completed"
+    assert status == "finished:completed" and state["killed"]
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows[1]["participant_ids"] == [0, 1, 2]

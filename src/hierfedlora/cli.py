@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", help="where report.md goes (default: the first directory)")
     rp.add_argument("--target", type=float, help="target accuracy (default: 95%% of FedLoRA's final accuracy)")
     rp.set_defaults(func=cmd_report)
+
+    from hierfedlora.flower.command import add_parser as add_flower_parser
+
+    add_flower_parser(sub)  # `hierfedlora flower`: the same experiment across Flower SuperNodes
     return p
 
 

@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -184,6 +185,7 @@ class LocalFederation:
         self.certs: dict[str, Path] = {}
         self.keys: dict[int, tuple[Path, Path]] = {}
         self.cli_home = self.root / "flwr-cli"
+        self.last_run: dict[str, Any] = {}
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
 
     # -- processes ---------------------------------------------------------------------------
@@ -279,9 +281,9 @@ class LocalFederation:
         import httpx
 
         scheme = "https" if self.tls else "http"
+        verify: Any = ssl.create_default_context(cafile=str(self.certs["ca"])) if self.tls else False
         try:
-            r = httpx.get(f"{scheme}://{self.address}/health", timeout=2.0,
-                          verify=str(self.certs["ca"]) if self.tls else False)
+            r = httpx.get(f"{scheme}://{self.address}/health", timeout=2.0, verify=verify)
             return r.is_success
         except httpx.HTTPError:
             return False
@@ -319,9 +321,11 @@ class LocalFederation:
             raise FederationError(f"could not read the run id from flwr run: {out[-2000:]}") from e
 
     def status(self, run_id: int) -> str:
+        """Flower's status of the run; its whole `flwr ls` record is kept in `last_run`."""
         out = self.flwr(["ls", "cluster", "--run-id", str(run_id), "--format", "json"])
         runs = json.loads(out[out.index("{"):]).get("runs", [])
-        return str(runs[0].get("status", "")) if runs else ""
+        self.last_run = runs[0] if runs else {}
+        return str(self.last_run.get("status", ""))
 
     def wait(self, run_id: int, timeout: float, status_file: Path | None = None, poll: float = 1.0,
              ls_every: float = 30.0, on_poll: Callable[[], None] | None = None) -> str:
@@ -346,11 +350,15 @@ class LocalFederation:
                 on_poll()
             time.sleep(poll)
 
-    def run(self, run_config: dict[str, Any], timeout: float = 3600.0, on_poll=None) -> str:
-        """Submit and wait; `run_config` holds the app's settings (experiment-config, run-dir, ...)."""
+    def run(self, run_config: dict[str, Any], timeout: float = 3600.0, on_poll=None, app_dir: Path | None = None) -> str:
+        """Submit and wait; `run_config` holds the app's settings (experiment-config, run-dir, ...);
+        `app_dir` is the Flower App to submit (default: a generated one; the repository root works too)."""
         from hierfedlora.flower.server_app import STATUS_FILE
 
         status_file = Path(str(run_config.get("run-dir", ""))).expanduser() / STATUS_FILE if run_config.get("run-dir") else None
         if status_file is not None:
             status_file.unlink(missing_ok=True)
-        return self.wait(self.submit(run_config), timeout, status_file=status_file, on_poll=on_poll)
+        status = self.wait(self.submit(run_config, app_dir), timeout, status_file=status_file, on_poll=on_poll)
+        if status_file is not None and status_file.parent.is_dir():  # Flower's own account of the run
+            (status_file.parent / "flower_run.json").write_text(json.dumps(self.last_run, indent=2))
+        return status

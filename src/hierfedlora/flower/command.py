@@ -1,0 +1,124 @@
+"""`hierfedlora flower`: run one experiment across Flower SuperNode processes on this machine.
+
+    hierfedlora flower CONFIG.toml [--set k=v ...] [--out DIR] [--supernodes N] [--tls] [--auth]
+    hierfedlora flower --resume DIR
+    hierfedlora flower --serve [--supernodes N] [--tls] [--auth] [--work DIR]
+
+It starts a SuperLink and N SuperNodes (device K's node has ``--node-config partition-id=K``) on
+127.0.0.1, submits the experiment with ``flwr run``, prints a line per round, and stops every process
+when the run ends (or fails, or is interrupted). ``--serve`` only starts the federation and keeps
+it up for your own ``flwr run``. See docs/flower.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    f = sub.add_parser("flower", help="run one experiment across Flower SuperNodes on this machine (docs/flower.md)")
+    f.add_argument("config", nargs="?", help="TOML config, the same files as `hierfedlora run`")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. run.rounds=3")
+    f.add_argument("--out", help="run directory (default: runs/<config name>-flower)")
+    f.add_argument("--resume", metavar="DIR", help="continue the Flower run in DIR from its last checkpoint")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    f.add_argument("--supernodes", type=int, help="SuperNodes to start, playing devices 0..N-1 (default: fleet.num_devices)")
+    f.add_argument("--tls", action="store_true", help="TLS between every process, with a CA and certificate generated for 127.0.0.1")
+    f.add_argument("--auth", action="store_true", help="SuperNode authentication: a key pair per node, registered with the SuperLink (needs --tls)")
+    f.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for a training call's devices (default 600)")
+    f.add_argument("--node-wait", type=float, default=300.0, help="seconds to wait for all SuperNodes at the start (default 300)")
+    f.add_argument("--work", help="federation folder: certificates, keys, logs, Flower homes (default: <out>.flower)")
+    f.add_argument("--serve", action="store_true", help="start the federation and keep it up for `flwr run` until Ctrl-C")
+    f.add_argument("--timeout", type=float, default=7 * 24 * 3600.0, help="give up on the run after this many seconds")
+    f.set_defaults(func=cmd_flower)
+
+
+def _progress(out: Path, seen: list[int]) -> None:
+    """Print the metrics rows the ServerApp wrote since the last call."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for row in rows[seen[0]:]:
+        acc = f" acc {100 * row['test_acc']:.1f}%" if "test_acc" in row else ""
+        drop = f" dropped {row['dropped']}" if row.get("dropped") else ""
+        print(f"round {row['round']}: {row.get('participants', 0)} devices{acc}{drop}", flush=True)
+    seen[0] = len(rows)
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    from hierfedlora.cli import default_out, print_summary
+    from hierfedlora.config import ConfigError, dump_config, load_config
+    from hierfedlora.flower.deploy import FederationError, LocalFederation
+
+    if args.auth and not args.tls:
+        raise ConfigError("--auth needs --tls (Flower only authenticates SuperNodes over TLS).")
+    if args.serve:
+        n = args.supernodes or 2
+        work = Path(args.work or "runs/flower-federation")
+        with LocalFederation(work, n, tls=args.tls, auth=args.tls and args.auth) as fed:
+            fed.start()
+            print(f"SuperLink {fed.address} ({'TLS' if args.tls else 'insecure'}), {n} SuperNodes playing devices "
+                  f"0..{n - 1}; logs in {work / 'logs'}.\nRun an experiment on it (from the project directory):\n"
+                  f"  FLWR_HOME={fed.cli_home} flwr run . cluster --run-config "
+                  f"'experiment-config=\"configs/fedlora.toml\" run-dir=\"runs/fedlora-flower\" set=\"fleet.num_devices={n}\"'\n"
+                  "Ctrl-C stops the federation.", flush=True)
+            try:
+                while fed.superlink.poll() is None:
+                    time.sleep(1.0)
+            except KeyboardInterrupt:
+                pass
+        return 0
+
+    if args.resume:
+        out = Path(args.resume)
+        if not (out / "config.toml").is_file():
+            raise ConfigError(f"'{out}' is not a run directory (no config.toml); pass the directory a run wrote.")
+        if args.config or args.set:
+            raise ConfigError("--resume takes the run's own config.toml; drop the CONFIG and --set arguments.")
+        cfg = load_config(out / "config.toml")
+    else:
+        cfg = load_config(args.config, args.set)
+        out = Path(args.out) if args.out else default_out(args.config).with_name(default_out(args.config).name + "-flower")
+        if out.exists() and any(out.iterdir()) and not args.overwrite:
+            raise FileExistsError(f"run directory '{out}' already holds a run; use --resume {out} to continue it, "
+                                  "--overwrite to replace it, or --out to pick another directory.")
+    out = out.resolve()
+    work = Path(args.work) if args.work else out.with_name(out.name + ".flower")
+    n = args.supernodes or cfg.fleet.num_devices
+    if n < cfg.fleet.num_devices:
+        print(f"note: {n} SuperNodes for {cfg.fleet.num_devices} devices; devices {n}..{cfg.fleet.num_devices - 1} "
+              "have no node and count as dropped every round.")
+    work.mkdir(parents=True, exist_ok=True)
+    experiment = work / "experiment.toml"
+    dump_config(cfg, experiment)
+    run_config = {"experiment-config": str(experiment.resolve()), "run-dir": str(out), "overwrite": bool(args.overwrite),
+                  "resume": bool(args.resume), "round-timeout": float(args.round_timeout),
+                  "node-wait": float(args.node_wait), "query-timeout": float(max(args.round_timeout, 120.0))}
+    t0 = time.perf_counter()
+    seen = [0]
+    try:
+        with LocalFederation(work, n, tls=args.tls, auth=args.auth) as fed:
+            fed.start()
+            status = fed.run(run_config, timeout=args.timeout, on_poll=lambda: _progress(out, seen))
+            _progress(out, seen)
+    except FederationError as e:
+        print(f"error: {e} (logs: {work / 'logs'})")
+        return 1
+    if status != "finished:completed" or not (out / "summary.json").exists():
+        print(f"error: the Flower run ended as '{status}'; see {work / 'logs' / 'superlink.log'}")
+        return 1
+    summary = json.loads((out / "summary.json").read_text())
+    print_summary(summary, out)
+    fl = summary.get("flower", {})
+    print(f"wall clock {time.perf_counter() - t0:.0f} s (ServerApp {summary.get('wall_time_s')} s); traffic: meter "
+          f"{fl.get('meter_bytes', 0) / 1e6:.3f} MB, Flower tensors {fl.get('flower_tensor_bytes', 0) / 1e6:.3f} MB, "
+          f"serialized {fl.get('flower_wire_bytes', 0) / 1e6:.3f} MB (flower_traffic.jsonl)")
+    if (out / "flower_run.json").exists():
+        net = json.loads((out / "flower_run.json").read_text()).get("network-traffic", {})
+        print(f"Flower's SuperLink counted {net.get('total-bytes', 0) / 1e6:.3f} MB on its Fleet API for this run "
+              "(all messages, with protocol overhead; flower_run.json)")
+    return 0
