@@ -82,6 +82,9 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(128, ge=1, description="Batch size of evaluation (test and validation).")
     threads: int = Field(0, ge=0, description="torch threads (0 = all cores).")
     device: str = Field("auto", description="Where the simulator computes: auto (cuda if present), cpu, cuda, cuda:N.")
+    prefix_cache: bool = Field(True, description="Compute layers below the lowest trainable layer once per example and reuse them (same results).")
+    cache_memory_mb: int = Field(1024, ge=0, description="RAM for the prefix cache; the rest spills to a temporary file.")
+    workers: int = Field(1, ge=0, description="Processes that run device jobs (0 = one per CPU core); same results, faster on multi-core CPUs.")
 
 
 class RunConfig(_Section):

@@ -12,7 +12,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import multiprocessing
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from hierfedlora.fleet import DeviceProfile, availability, build_fleet, round_pr
 from hierfedlora.lora_state import State, from_device, layer_of, num_bytes, to_device
 from hierfedlora.models import LocalModel, load_base, load_tokenizer
 from hierfedlora.partition import label_histograms, partition
+from hierfedlora.prefix_cache import PrefixCache
 from hierfedlora.strategies.base import Job, RoundReport, SetupInfo, TrainResult
 from hierfedlora.strategies.registry import get_strategy
 from hierfedlora.trainer import DeviceData, JobOutput, evaluate, run_job
@@ -75,7 +78,7 @@ def build_workload(cfg: ExperimentConfig, tokenizer) -> Workload:
 
 def _length_sorted_batches(w: Workload, positions: np.ndarray, batch_size: int) -> list[dict[str, torch.Tensor]]:
     order = sorted(positions.tolist(), key=lambda i: len(w.ids[i]))
-    return [data_mod.collate([w.ids[i] for i in chunk], w.labels[chunk], w.pad_id)
+    return [{**data_mod.collate([w.ids[i] for i in chunk], w.labels[chunk], w.pad_id), "index": torch.as_tensor(chunk)}
             for chunk in (np.array(order[i:i + batch_size]) for i in range(0, len(order), batch_size))]
 
 
@@ -83,6 +86,7 @@ def config_fingerprint(cfg: ExperimentConfig) -> str:
     """Hash of everything that determines results (not progress display or checkpoint cadence)."""
     d = cfg.to_dict()
     d["run"] = {k: v for k, v in d["run"].items() if k not in ("progress", "checkpoint_every", "rounds", "eval_every", "target_acc")}
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("prefix_cache", "cache_memory_mb", "workers")}  # speed only
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -144,13 +148,37 @@ class Simulation:
         self.strategy = entry.strategy(cfg.method_settings(), self.setup)
         self.global_ranks = dict(self.strategy.global_ranks())
         self.state: State = self.model.init_state(self.global_ranks)
+        self.prefix_boundary = self._enable_prefix_cache()
         self.test_batches = _length_sorted_batches(w, w.test, cfg.train.eval_batch_size)
         self.val_batches = _length_sorted_batches(w, w.val, cfg.train.eval_batch_size) if len(w.val) else []
         self.meter = TrafficMeter()
         self.sim_time = 0.0
         self.round = 0
         self.rows: list[dict[str, Any]] = []
-        self.executor = executor or LocalExecutor(self)
+        self.executor = executor or self._default_executor()
+
+    def _default_executor(self):
+        """In this process, or in worker processes (train.workers; see `parallel`)."""
+        n = self.cfg.train.workers or (os.cpu_count() or 1)
+        if n <= 1:
+            return LocalExecutor(self)
+        if self.model.device.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
+            warnings.warn("train.workers > 1 needs a CPU run on a system that can fork; running jobs in this process.")
+            return LocalExecutor(self)
+        from hierfedlora.parallel import ProcessExecutor
+
+        return ProcessExecutor(self, n)
+
+    def _enable_prefix_cache(self) -> int:
+        """Cache layers below the strategy's lowest trainable layer (0 = no cache; see prefix_cache)."""
+        cfg, w = self.cfg, self.work
+        lowest = getattr(self.strategy, "lowest_trainable_layer", lambda: 0)()
+        if not cfg.train.prefix_cache or lowest <= 0:
+            return 0
+        rows = sum(len(w.ids[i]) for part in (w.train, w.val, w.test) for i in part)
+        spill = self.out if self.out and self.out.is_dir() else None
+        cache = PrefixCache(self.model.cost.hidden, rows, cfg.train.cache_memory_mb, spill)
+        return lowest if self.model.enable_prefix_cache(lowest, cache) else 0
 
     # -- the RoundContext the strategy sees ------------------------------------------------
     def _train(self, rnd: int, profiles: list[DeviceProfile], drops: set[int], calls: dict[int, int],

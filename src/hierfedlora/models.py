@@ -7,6 +7,11 @@ building a PEFT model per device) is what makes an 80-device round cheap.
 
 Layers are found as the `ModuleList` of length `num_hidden_layers` (BERT/RoBERTa/DeBERTa
 `encoder.layer`, Llama `model.layers`), so "top d layers" works across those families.
+
+Speed (SPEC §1.1: an 80-device, 100-round run must fit a 2-core CPU; `benchmarks/speed.py` measures
+each piece): BERT/RoBERTa run through `packed` (no work on padding), and with a frozen-prefix cache
+(`prefix_cache`) only the layers a run can train are recomputed. Other architectures use the plain
+transformers forward with per-batch padding.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hierfedlora import packed
 from hierfedlora.clock import ModelCost
 from hierfedlora.lora_state import State, lora_key
+from hierfedlora.prefix_cache import PrefixCache
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -153,10 +160,15 @@ class Layout:
 
 
 class LocalModel:
-    """A PEFT model that can take on any device's plan (see module docstring)."""
+    """A PEFT model that can take on any device's plan (see module docstring).
+
+    Dropout masks are drawn as a plain loop draws them for a batch padded to `dropout_width` tokens
+    (None: to the batch's longest example, as `data.collate` pads), whatever the forward skips; so
+    results do not depend on padding, packing or caching.
+    """
 
     def __init__(self, base: nn.Module, target_modules: list[str], physical_rank: int, alpha: float,
-                 lora_dropout: float = 0.0, seed: int = 0, device: str = "cpu"):
+                 lora_dropout: float = 0.0, seed: int = 0, device: str = "cpu", dropout_width: int | None = None):
         from peft import LoraConfig, TaskType, get_peft_model
 
         self.alpha = alpha
@@ -193,8 +205,15 @@ class LocalModel:
         self.layout = Layout(self.num_layers, dict(sorted(modules.items())),
                              {k: tuple(p.shape) for k, p in self.head.items()})
         self.dropouts = [(name, m) for name, m in inner.named_modules() if isinstance(m, nn.Dropout)]
+        self.layers = inner.get_submodule(layer_path)
         self.device = torch.device(device)
         self.peft.to(self.device)
+        self.dropout_width = dropout_width
+        self.packed = packed.PackedEncoder(inner) if packed.supported(inner) else None
+        self.prefix: PrefixCache | None = None  # see enable_prefix_cache
+        self.boundary = 0
+        self._prefix_on = False
+        self._warned: set[str] = set()
 
     # -- state ------------------------------------------------------------------------------
     def init_state(self, global_ranks: dict[int, int]) -> State:
@@ -232,6 +251,61 @@ class LocalModel:
         for k, p in self.head.items():
             p.copy_(payload[k])
             p.requires_grad_(train_head)
+        self._prefix_on = self._prefix_valid(payload, ranks, trained)
+
+    # -- frozen-prefix cache ----------------------------------------------------------------
+    def enable_prefix_cache(self, boundary: int, cache: PrefixCache) -> bool:
+        """Reuse the output of layers 0..boundary-1 per example (see `prefix_cache`). `boundary`
+        must be the lowest layer any plan of the run trains. Returns False (and keeps the full
+        forward) where there is nothing to skip or the architecture has no packed forward."""
+        if self.packed is None or not 0 < boundary < self.num_layers:
+            return False
+        self.prefix, self.boundary = cache, boundary
+        return True
+
+    def _warn(self, msg: str) -> None:
+        if msg not in self._warned:
+            self._warned.add(msg)
+            warnings.warn(msg, stacklevel=3)
+
+    def _prefix_valid(self, payload: State, ranks: dict[int, int], trained: set[int]) -> bool:
+        """The cache holds layer outputs of the frozen base; a plan may use it only if nothing below
+        the boundary trains and every LoRA below it is the identity (B = 0)."""
+        if self.prefix is None:
+            return False
+        below = sorted(l for l in trained if l < self.boundary)
+        if below:  # the strategy broke its lowest_trainable_layer() promise: the cache is void
+            self._warn(f"prefix cache invalidated: a plan trains layer {below[0]}, below the cache boundary "
+                       f"{self.boundary} (the strategy's lowest_trainable_layer()); running the full forward from now on.")
+            self.prefix.close()
+            self.prefix, self.boundary = None, 0
+            return False
+        for (layer, sub), _ in self.lora.items():
+            key = lora_key(layer, sub, "B")
+            if layer < self.boundary and ranks.get(layer, 0) > 0 and bool(payload[key].any()):
+                self._warn(f"prefix cache refused: LoRA of layer {layer} is not zero, below the cache boundary "
+                           f"{self.boundary}; this plan runs the full forward.")
+                return False
+        return True
+
+    @torch.no_grad()
+    def _prefix(self, batch: dict[str, torch.Tensor], pack: packed.Pack) -> torch.Tensor:
+        """Hidden states entering layer `boundary`, packed as `pack`; computed for examples not
+        cached yet (in eval mode: frozen layers never drop), then read from the cache."""
+        keys = batch["index"].tolist()
+        miss = [i for i, k in enumerate(keys) if k not in self.prefix and k not in keys[:i]]
+        if miss:
+            sub = torch.tensor(miss)
+            mask = batch["attention_mask"][sub]
+            width = int(mask.sum(1).max())
+            sp = packed.make_pack(mask[:, :width])
+            h = self.packed.embed(batch["input_ids"][sub, :width].to(self.device), sp)
+            h = self.packed.layers_forward(h, sp, 0, self.boundary).cpu().numpy()
+            for (n, a, b, members) in sp.groups:
+                for j, m in enumerate(members.tolist()):
+                    self.prefix.put(keys[miss[m]], h[a + j * n:a + (j + 1) * n])
+        order = [keys[i] for n, a, b, members in pack.groups for i in members.tolist()]
+        return torch.from_numpy(self.prefix.get(order)).to(self.device)
 
     def extract(self, layers: list[int] | tuple[int, ...], ranks: dict[int, int], head: bool = True) -> State:
         """The device's current tensors of the given layers (device convention, rank r) and the head."""
@@ -254,6 +328,8 @@ class LocalModel:
         """Train mode, except that layers below `lowest_trained` and the embeddings run without
         dropout: they are frozen for this device, so they behave exactly as at evaluation."""
         self.peft.train()
+        for i in range(min(lowest_trained, self.num_layers)):
+            self.layers[i].eval()  # the whole block: its attention module decides attention dropout
         for name, m in self.dropouts:
             if name.startswith(self.layer_prefix):
                 if int(name[len(self.layer_prefix):].split(".", 1)[0]) < lowest_trained:
@@ -265,5 +341,14 @@ class LocalModel:
         self.peft.eval()
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Class logits of a right-padded batch. With a valid prefix cache and example keys
+        (`batch["index"]`), layers below the boundary are read from the cache."""
         dev = self.device
-        return self.peft(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
+        if self.packed is None:
+            return self.peft(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
+        pack = packed.make_pack(batch["attention_mask"], self.dropout_width)
+        if self._prefix_on and "index" in batch:
+            first = self.packed.encode(self._prefix(batch, pack), pack, self.boundary)
+        else:
+            first = self.packed.encode(self.packed.embed(batch["input_ids"].to(dev), pack), pack)
+        return self.packed.head(first)

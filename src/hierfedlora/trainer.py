@@ -61,7 +61,8 @@ def local_train(model: LocalModel, payload: State, plan: DevicePlan, batches: li
 
 
 def make_batches(ids: list[np.ndarray], labels: np.ndarray, picks: list[np.ndarray], pad_id: int) -> list[dict[str, torch.Tensor]]:
-    return [collate([ids[i] for i in p], labels[p], pad_id) for p in picks]
+    """Padded batches; `index` names each example (its position in `ids`) for the prefix cache."""
+    return [{**collate([ids[i] for i in p], labels[p], pad_id), "index": torch.as_tensor(p)} for p in picks]
 
 
 @torch.no_grad()

@@ -1,0 +1,241 @@
+"""Simulation speed, side by side: our engine against a plain PEFT loop (see docs/benchmarks.md).
+
+The reference is FedLoRA written the usual way: one PEFT model; for each device, load the global
+adapter into it, pad every batch to `max_length`, train the local steps with AdamW, hand the adapter
+back; FedAvg; evaluate the test split padded the same way. It uses the engine's batches and seeds,
+and the engine's training rule that frozen layers run without dropout, so both paths must end with
+the same adapter and accuracy; the benchmark checks that, then reports how much faster the engine is.
+
+Workloads (real MiniLM, rotten_tomatoes, 20 devices, 2 rounds of 8 local steps of batch 16, one
+evaluation per round): W1 = FedLoRA (LoRA in all 6 layers), W2 = every device trains the top 2
+layers (`fedlora_topk`, depth 2). Rounds of the two paths alternate, so machine noise hits both.
+The last line reads `W1 speedup=<x> W2 speedup=<y> flop_util=<z>`: flop_util is the engine's
+achieved FLOP/s while training W1 (forward + backward of the trained layers, counted from the real
+token lengths as the simulated clock counts them) over this machine's measured dense matmul peak.
+
+    python benchmarks/speed.py            # the full benchmark (~15-25 min on a quiet 2-core CPU)
+    python benchmarks/speed.py --quick    # 4 devices, 4 steps, 256 test examples (< 3 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hierfedlora.config import build_config
+from hierfedlora.data import collate
+from hierfedlora.engine import Simulation
+from hierfedlora.lora_state import State, parse_key
+from hierfedlora.models import find_layers, load_base
+from hierfedlora.trainer import sample_batches, torch_seed
+
+
+def config(method: dict, quick: bool, threads: int, workers: int = 1):
+    devices, steps, test = (4, 4, 256) if quick else (20, 8, 1000)
+    return build_config({
+        "run": {"rounds": 2, "eval_every": 1, "progress": False},
+        "model": {"name": "minilm", "max_length": 64},
+        "data": {"name": "rotten_tomatoes", "max_test_examples": test},
+        "fleet": {"num_devices": devices},
+        "train": {"local_steps": steps, "batch_size": 16, "threads": threads, "workers": workers},
+        "method": method,
+    })
+
+
+# -- the plain reference loop ---------------------------------------------------------------
+class Reference:
+    """FedLoRA the usual way (see the module docstring); its state uses our key format to compare."""
+
+    def __init__(self, sim: Simulation):
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        cfg, w = sim.cfg, sim.work
+        self.cfg, self.work, self.tok = cfg, w, sim.tokenizer
+        self.layers = sorted(sim.global_ranks)
+        base = load_base(cfg.model.name, w.num_classes, sim.tokenizer, cfg.run.seed)
+        self.layer_path, _ = find_layers(base)
+        self.model = get_peft_model(base, LoraConfig(
+            task_type=TaskType.SEQ_CLS, r=cfg.model.rank, lora_alpha=cfg.model.alpha, lora_dropout=cfg.model.lora_dropout,
+            target_modules=cfg.model.target_modules, layers_to_transform=self.layers))
+        self.state = {k: v.clone() for k, v in sim.state.items()}  # the same global adapter to start from
+
+    def _peft_dict(self, state: State) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, v in state.items():
+            p = parse_key(k)
+            if p is None:
+                out["base_model.model." + k[len("head."):]] = v
+            else:
+                out[f"base_model.model.{self.layer_path}.{p[0]}.{p[1]}.lora_{p[2]}.weight"] = v
+        return out
+
+    def _state(self) -> State:
+        from peft import get_peft_model_state_dict
+
+        sd = get_peft_model_state_dict(self.model)
+        back = self._peft_dict({k: k for k in self.state})  # PEFT name -> our key
+        return {back[k]: v.detach().clone() for k, v in sd.items()}
+
+    def _padded(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
+        w, width = self.work, self.cfg.model.max_length
+        b = collate([w.ids[i] for i in positions], w.labels[positions], w.pad_id)
+        extra = width - b["input_ids"].shape[1]
+        return {"input_ids": F.pad(b["input_ids"], (0, extra), value=w.pad_id),
+                "attention_mask": F.pad(b["attention_mask"], (0, extra)), "labels": b["labels"]}
+
+    def train_round(self, rnd: int) -> None:
+        from peft import set_peft_model_state_dict
+
+        cfg, w, seed = self.cfg, self.work, self.cfg.run.seed
+        inner = self.model.base_model.model
+        updates, sizes = [], []
+        for d in range(cfg.fleet.num_devices):
+            set_peft_model_state_dict(self.model, self._peft_dict(self.state))
+            self.model.train()
+            for i in range(self.layers[0]):  # frozen layers (and embeddings) run without dropout
+                inner.get_submodule(self.layer_path)[i].eval()
+            inner.base_model.embeddings.eval()
+            opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                    lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+            torch.manual_seed(torch_seed((seed, 5005, rnd, d, 0)))
+            for pick in sample_batches(w.parts[d], cfg.train.local_steps, cfg.train.batch_size, (seed, 4004, rnd, d, 0)):
+                b = self._padded(pick)
+                loss = F.cross_entropy(self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            updates.append(self._state())
+            sizes.append(len(w.parts[d]))
+        total = sum(sizes)
+        self.state = {k: sum(u[k] * (n / total) for u, n in zip(updates, sizes)) for k in self.state}  # FedAvg
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, self._peft_dict(self.state))
+        self.model.eval()
+        test, bs = self.work.test, self.cfg.train.eval_batch_size
+        loss, correct = 0.0, 0
+        for i in range(0, len(test), bs):
+            b = self._padded(test[i:i + bs])
+            logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            loss += float(F.cross_entropy(logits, b["labels"], reduction="sum"))
+            correct += int((logits.argmax(-1) == b["labels"]).sum())
+        return loss / len(test), correct / len(test)
+
+
+# -- timing ----------------------------------------------------------------------------------
+class TimedExecutor:
+    """Wraps the engine's executor to time device jobs and sum their FLOPs."""
+
+    def __init__(self, inner):
+        self.inner, self.seconds, self.flops = inner, 0.0, 0.0
+
+    def run(self, rnd, jobs):
+        t = time.perf_counter()
+        outs = self.inner.run(rnd, jobs)
+        self.seconds += time.perf_counter() - t
+        self.flops += sum(o.flops for o in outs if o is not None)
+        return outs
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n ** 3 / best
+
+
+def _timed(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+def run_workload(name: str, method: dict, args, profiler: cProfile.Profile | None) -> dict:
+    cfg = config(method, args.quick, args.threads, args.workers)
+    sim = Simulation(cfg)
+    sim.model.dropout_width = cfg.model.max_length  # draw dropout masks as the padded reference does
+    timed = TimedExecutor(sim.executor)
+    sim.executor = timed
+    ref = Reference(sim)
+    start = {k: v.clone() for k, v in sim.state.items()}
+    t_eng = t_ref = 0.0
+    for rnd in range(1, cfg.run.rounds + 1):  # alternate the paths round by round
+        for path in (("engine", "reference") if rnd % 2 else ("reference", "engine")):
+            t = time.perf_counter()
+            if path == "engine":
+                if profiler:
+                    profiler.enable()
+                row = sim.step()  # trains and evaluates (eval_every = 1)
+                if profiler:
+                    profiler.disable()
+                t_eng += time.perf_counter() - t
+            else:
+                ref.train_round(rnd)
+                ref_loss, ref_acc = ref.evaluate()
+                t_ref += time.perf_counter() - t
+        print(f"  {name} round {rnd}: engine acc {row['test_acc']:.4f} loss {row['test_loss']:.5f} | "
+              f"reference acc {ref_acc:.4f} loss {ref_loss:.5f}", flush=True)
+    # Same result = the training update agrees to float noise. Adam divides each gradient by its
+    # running RMS, so summation-order noise (~1e-7) shows up at ~1e-4 of the update; a wrong mask,
+    # layer or batch shows up at O(1).
+    err = sum(float((sim.state[k] - ref.state[k]).norm()) ** 2 for k in start) ** 0.5
+    upd = sum(float((ref.state[k] - start[k]).norm()) ** 2 for k in start) ** 0.5
+    rel = err / upd
+    same = (rel <= 2e-3 and abs(row["test_acc"] - ref_acc) <= 1.0 / len(sim.work.test) + 1e-12
+            and abs(row["test_loss"] - ref_loss) <= 1e-4 * ref_loss)
+    cache = sim.model.prefix
+    print(f"  {name}: engine {t_eng:.1f} s (device jobs {timed.seconds:.1f} s), reference {t_ref:.1f} s, "
+          f"speedup {t_ref / t_eng:.2f}x; prefix cache: boundary {sim.prefix_boundary}, "
+          f"{len(cache) if cache else 0} examples, {(cache.bytes_in_memory if cache else 0) / 2**20:.0f} MiB")
+    print(f"  {name}: final adapter |engine - reference| / |update| = {rel:.1e}, test acc {row['test_acc']:.4f} "
+          f"vs {ref_acc:.4f}, loss {row['test_loss']:.6f} vs {ref_loss:.6f}: {'SAME' if same else 'DIFFERENT'}", flush=True)
+    if hasattr(timed.inner, "close"):
+        timed.inner.close()
+    return {"speedup": t_ref / t_eng, "same": same, "job_s": timed.seconds, "job_flops": timed.flops}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="4 devices, 4 local steps, 256 test examples")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for both paths (0 = torch's default)")
+    ap.add_argument("--profile", action="store_true", help="print a cProfile summary of the engine's time")
+    ap.add_argument("--workloads", default="W1,W2", help="which workloads to run (default both)")
+    ap.add_argument("--workers", type=int, default=0, help="the engine's train.workers (default 0: one process per core)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peak = matmul_peak()
+    workers = args.workers or os.cpu_count()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (reference, engine evaluation), engine device jobs "
+          f"in {workers} worker process(es); dense fp32 matmul peak {peak / 1e9:.1f} GFLOP/s{' (quick)' if args.quick else ''}",
+          flush=True)
+    prof = cProfile.Profile() if args.profile else None
+    todo = args.workloads.split(",")
+    skip = {"speedup": float("nan"), "same": True, "job_s": float("nan"), "job_flops": float("nan")}
+    w1 = run_workload("W1", {"name": "fedlora"}, args, prof) if "W1" in todo else skip
+    w2 = run_workload("W2", {"name": "fedlora_topk", "depth": 2}, args, prof) if "W2" in todo else skip
+    peak = max(peak, matmul_peak())
+    util = w1["job_flops"] / w1["job_s"] / peak
+    if prof:
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
+        print("\n".join(s.getvalue().splitlines()[:45]))
+    ok = w1["same"] and w2["same"]
+    print(f"results identical: {'yes' if ok else 'NO'}; W1 engine trains at {w1['job_flops'] / w1['job_s'] / 1e9:.1f} GFLOP/s")
+    print(f"W1 speedup={w1['speedup']:.2f} W2 speedup={w2['speedup']:.2f} flop_util={util:.2f}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,226 @@
+"""Packed (unpadded) forward of BERT-family encoders: no work on padding.
+
+A padded batch wastes compute on pad tokens: on rotten_tomatoes a batch of 16 is padded to ~48 tokens
+(64 with `max_length` padding) while its examples average 27. Here every token-wise op (projections,
+MLP, LayerNorm) runs on one `[tokens, hidden]` matrix holding only real tokens, and attention runs
+per group of equal-length examples, so nothing ever needs a mask. The model's own modules (PEFT LoRA
+wrappers included) do the maths; this file only replaces transformers' layer loop, and only for
+`bert`/`roberta` models (anything else uses the plain forward). `benchmarks/speed.py` measures it.
+
+Two properties make results independent of how batches are laid out:
+- *Dropout masks are drawn as a padded loop draws them.* Each dropout draws its random mask at the
+  shape a batch padded to `width` has (`width` = `max_length` in the simulator) and keeps the
+  entries of real tokens, so training equals a plain loop that pads to `max_length`, mask for mask.
+- *An example's activations do not depend on its batch-mates.* Rows of a matrix product are
+  computed the same way whatever the number of rows (we pad tiny products to `MIN_ROWS`, below
+  which the BLAS picks other kernels), and attention sees only the example's own tokens; so the
+  frozen-prefix cache (`prefix_cache`) stores exactly what an uncached forward would compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED = ("bert", "roberta")
+# Below this many rows the BLAS switches to small-matrix kernels whose sums are ordered differently.
+MIN_ROWS = 16
+
+
+@dataclass
+class Pack:
+    """Where a batch's real tokens sit once packed.
+
+    Examples are packed in order of length (stable), so equal-length examples are contiguous:
+    `groups` holds (length, first row, end row, batch positions) per run of equal lengths.
+    """
+
+    batch: int
+    width: int  # padded width that dropout masks are drawn at
+    rows: torch.Tensor  # [T] each packed token's index in the padded input, flattened [B*W]
+    noise_rows: torch.Tensor  # [T] each packed token's index in a flattened [B*width] mask
+    firsts: torch.Tensor  # [B] packed row of each example's first token, in batch order
+    unorder: torch.Tensor  # [B] each example's place in packed order (inverse of the sort)
+    groups: list[tuple[int, int, int, torch.Tensor]]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.rows.numel())
+
+    @property
+    def first_noise_rows(self) -> torch.Tensor:
+        """Each example's first token in a flattened [B*width] mask, batch order."""
+        return torch.arange(self.batch) * self.width
+
+
+def make_pack(attention_mask: torch.Tensor, width: int | None = None) -> Pack:
+    """Pack a right-padded batch ([B, W] mask: ones, then zeros). `width` is the padded width that
+    dropout masks are drawn at (default W: what a loop with per-batch padding draws)."""
+    mask = attention_mask.cpu()
+    B, W = mask.shape
+    lengths = mask.sum(1)
+    if not torch.equal(mask.bool(), torch.arange(W)[None, :] < lengths[:, None]):
+        raise ValueError("the packed forward needs right-padded batches (mask: ones, then zeros)")
+    width = max(width or W, W)
+    order = torch.sort(lengths, stable=True).indices
+    ls = lengths[order].tolist()
+    pos = torch.cat([torch.arange(n) for n in ls])
+    example = torch.repeat_interleave(order, lengths[order])
+    unorder = torch.empty(B, dtype=torch.long)
+    unorder[order] = torch.arange(B)
+    firsts = torch.tensor([0] + ls[:-1]).cumsum(0)[unorder]
+    groups, i, row = [], 0, 0
+    while i < B:
+        j = i
+        while j < B and ls[j] == ls[i]:
+            j += 1
+        groups.append((ls[i], row, row + ls[i] * (j - i), order[i:j]))
+        row += ls[i] * (j - i)
+        i = j
+    return Pack(B, width, example * W + pos, example * width + pos, firsts, unorder, groups)
+
+
+def supported(model: nn.Module) -> bool:
+    """Whether `model` (a transformers *ForSequenceClassification) has the layout this file runs."""
+    c = model.config
+    if getattr(c, "model_type", "") not in SUPPORTED or getattr(c, "is_decoder", False):
+        return False
+    if getattr(c, "position_embedding_type", "absolute") not in (None, "absolute"):
+        return False
+    base = getattr(model, model.base_model_prefix, None)
+    try:
+        layer = base.encoder.layer[0]
+        ok = all(hasattr(layer, a) for a in ("attention", "intermediate", "output"))
+        ok = ok and all(hasattr(layer.attention.self, a) for a in ("query", "key", "value", "dropout", "scaling"))
+    except AttributeError:
+        return False
+    return ok and getattr(c, "chunk_size_feed_forward", 0) == 0
+
+
+def dropout(x: torch.Tensor, mod: nn.Module, pack: Pack, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`mod(x)` for packed rows (or the given rows of the padded layout), with the mask a
+    [B, width, h] padded batch would get (see top)."""
+    if not isinstance(mod, nn.Dropout) or not mod.training or mod.p == 0.0:
+        return x
+    # as aten's CPU dropout: noise = bernoulli(1-p) / (1-p); out = x * noise
+    noise = torch.empty(pack.batch * pack.width, x.shape[-1], device=x.device).bernoulli_(1 - mod.p).div_(1 - mod.p)
+    return x * noise[(pack.noise_rows if rows is None else rows).to(x.device)]
+
+
+def _lora_linear(mod: nn.Module, x: torch.Tensor, pack: Pack) -> torch.Tensor:
+    scale = getattr(mod, "scaling", None)
+    if scale is None:  # a plain nn.Linear
+        return mod(x)
+    if scale.get("default", 1.0) == 0.0:  # rank 0 in this plan: the LoRA branch adds exactly 0
+        return mod.base_layer(x)
+    drop = mod.lora_dropout["default"]
+    if isinstance(drop, nn.Dropout) and drop.training and drop.p > 0:  # PEFT's branch, with our mask
+        return mod.base_layer(x) + mod.lora_B["default"](mod.lora_A["default"](dropout(x, drop, pack))) * scale["default"]
+    return mod(x)
+
+
+def linear(mod: nn.Module, x: torch.Tensor, pack: Pack) -> torch.Tensor:
+    """`mod(x)` (a Linear or PEFT LoRA Linear) on packed rows. Products of fewer than MIN_ROWS rows
+    are padded with zero rows so every row is summed the same way whatever the batch."""
+    n = x.shape[0]
+    if n >= MIN_ROWS:
+        return _lora_linear(mod, x, pack)
+    return _lora_linear(mod, F.pad(x, (0, 0, 0, MIN_ROWS - n)), pack)[:n]
+
+
+class PackedEncoder:
+    """Runs a BERT-family sequence classifier on packed tokens (see the module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.kind = model.config.model_type
+        base = getattr(model, model.base_model_prefix)
+        self.embeddings = base.embeddings
+        self.layers = base.encoder.layer
+        self.pooler = getattr(base, "pooler", None)
+
+    def embed(self, input_ids: torch.Tensor, pack: Pack) -> torch.Tensor:
+        """Embeddings of the real tokens (the module runs on the padded ids: positions and
+        RoBERTa's padding-aware position ids stay its business), packed."""
+        drop = self.embeddings.dropout
+        was = drop.training
+        drop.eval()  # its mask is drawn below, at the packed rows (frozen embeddings never drop)
+        try:
+            h = self.embeddings(input_ids=input_ids)
+        finally:
+            drop.train(was)
+        return dropout(h.reshape(-1, h.shape[-1])[pack.rows.to(h.device)], drop, pack)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, att: nn.Module, pack: Pack,
+                  first_only: bool = False) -> torch.Tensor:
+        """Per-example self-attention of packed rows. With `first_only`, `q` holds each example's
+        first-token query (batch order) and only that token's output is computed (batch order)."""
+        H, d = att.num_attention_heads, att.attention_head_size
+        p = att.dropout.p if att.training else 0.0
+        noise = None
+        if p > 0:  # SDPA's math path draws its mask at [B, H, W, W]; so do we, then crop per example
+            noise = torch.empty(pack.batch, H, pack.width, pack.width, device=q.device).bernoulli_(1 - p).div_(1 - p)
+        out = []
+        for n, a, b, members in pack.groups:
+            shape = ((b - a) // n, n, H, d)
+            # contiguous: strided batched products pick kernels by batch size, and so their sums
+            kg, vg = (t[a:b].view(shape).transpose(1, 2).contiguous() for t in (k, v))
+            if first_only:
+                qg = q[members.to(q.device)].view(shape[0], 1, H, d).transpose(1, 2).contiguous()
+            else:
+                qg = q[a:b].view(shape).transpose(1, 2).contiguous()
+            # Written out rather than F.scaled_dot_product_attention: the fused CPU kernel's sums
+            # depend on how many examples share the call (for small head sizes), these do not.
+            w = torch.softmax(qg @ kg.transpose(-1, -2) * att.scaling, dim=-1)
+            if noise is not None:
+                w = w * noise[members.to(q.device), :, :qg.shape[2], :n]
+            out.append((w @ vg).transpose(1, 2).reshape(-1, H * d))
+        ctx = torch.cat(out) if len(out) > 1 else out[0]
+        return ctx[pack.unorder.to(q.device)] if first_only else ctx
+
+    def layer(self, i: int, x: torch.Tensor, pack: Pack) -> torch.Tensor:
+        """BertLayer.forward on packed rows: attention, add & norm, MLP, add & norm."""
+        lay = self.layers[i]
+        att, so = lay.attention.self, lay.attention.output
+        ctx = self.attention(linear(att.query, x, pack), linear(att.key, x, pack), linear(att.value, x, pack), att, pack)
+        a = so.LayerNorm(dropout(linear(so.dense, ctx, pack), so.dropout, pack) + x)
+        inter = lay.intermediate.intermediate_act_fn(linear(lay.intermediate.dense, a, pack))
+        out = lay.output
+        return out.LayerNorm(dropout(linear(out.dense, inter, pack), out.dropout, pack) + a)
+
+    def top_layer(self, x: torch.Tensor, pack: Pack) -> torch.Tensor:
+        """The last layer, for the first token only: the classifier reads nothing else, so every
+        other token needs just its key and value (~1/6 of a layer's work). Same maths and same
+        dropout masks as `layer`, restricted to the rows that matter; returns [B, h], batch order."""
+        lay = self.layers[len(self.layers) - 1]
+        att, so = lay.attention.self, lay.attention.output
+        first = x[pack.firsts.to(x.device)]
+        rows = pack.first_noise_rows
+        ctx = self.attention(linear(att.query, first, pack), linear(att.key, x, pack), linear(att.value, x, pack),
+                             att, pack, first_only=True)
+        a = so.LayerNorm(dropout(linear(so.dense, ctx, pack), so.dropout, pack, rows) + first)
+        inter = lay.intermediate.intermediate_act_fn(linear(lay.intermediate.dense, a, pack))
+        out = lay.output
+        return out.LayerNorm(dropout(linear(out.dense, inter, pack), out.dropout, pack, rows) + a)
+
+    def layers_forward(self, x: torch.Tensor, pack: Pack, start: int, stop: int) -> torch.Tensor:
+        """Layers start..stop-1 on packed rows."""
+        for i in range(start, stop):
+            x = self.layer(i, x, pack)
+        return x
+
+    def encode(self, x: torch.Tensor, pack: Pack, start: int = 0) -> torch.Tensor:
+        """Layers start..L-1 on packed rows -> the first token's final hidden state, [B, h]."""
+        return self.top_layer(self.layers_forward(x, pack, start, len(self.layers) - 1), pack)
+
+    def head(self, first: torch.Tensor) -> torch.Tensor:
+        """Logits from the first token's final hidden state [B, h], as the plain forward."""
+        if self.kind == "bert":
+            return self.model.classifier(self.model.dropout(self.pooler(first[:, None, :])))
+        return self.model.classifier(first[:, None, :])
+
+    def logits(self, input_ids: torch.Tensor, pack: Pack) -> torch.Tensor:
+        return self.head(self.encode(self.embed(input_ids, pack), pack))

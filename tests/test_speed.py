@@ -1,0 +1,218 @@
+"""The speed work changes no result: packed forward, frozen-prefix cache, dropout masks, topk baseline."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hierfedlora.data import collate
+from hierfedlora.engine import Simulation
+from hierfedlora.lora_state import lora_key
+from hierfedlora.models import LocalModel, load_base, load_tokenizer
+from hierfedlora.packed import make_pack
+from hierfedlora.prefix_cache import PrefixCache
+from hierfedlora.strategies.base import DevicePlan
+from hierfedlora.trainer import DeviceData, run_job
+
+
+def tiny_model(dropout_width=None) -> LocalModel:
+    tok = load_tokenizer("tiny-bert")
+    return LocalModel(load_base("tiny-bert", 2, tok, seed=3), ["query", "value"], 4, 8.0, dropout_width=dropout_width)
+
+
+def random_state(m: LocalModel, layers) -> dict:
+    """A state whose B factors are not zero (as after training), so LoRA matters."""
+    g = torch.Generator().manual_seed(0)
+    s = m.init_state({l: 4 for l in layers})
+    return {k: (torch.randn(v.shape, generator=g) * 0.2 if k.endswith(".B") else v) for k, v in s.items()}
+
+
+def batch(lengths, seed=0, width=None):
+    rng = np.random.default_rng(seed)
+    ids = [rng.integers(1000, 3000, size=n).astype(np.int32) for n in lengths]
+    b = collate(ids, rng.integers(0, 2, size=len(ids)), 0)
+    if width:  # padded to a fixed width, as a plain loop with padding="max_length" does
+        extra = width - b["input_ids"].shape[1]
+        b = {**b, "input_ids": F.pad(b["input_ids"], (0, extra)), "attention_mask": F.pad(b["attention_mask"], (0, extra))}
+    return b
+
+
+def plain_logits(m: LocalModel, b):
+    return m.peft(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+
+
+LENGTHS = [5, 9, 9, 3, 12, 20, 9, 17]
+
+
+def test_packed_forward_equals_plain_forward_with_the_same_dropout_masks():
+    m = tiny_model()
+    m.load(random_state(m, range(4)), {l: 4 for l in range(4)}, (2, 3))
+    b = batch(LENGTHS)
+    m.eval_mode()
+    with torch.no_grad():
+        torch.testing.assert_close(m.logits(b), plain_logits(m, b), rtol=1e-5, atol=1e-6)
+    for width in (None, 32):  # masks as for per-batch padding, or for padding to 32 tokens
+        m.dropout_width = width
+        m.train_mode(2)
+        torch.manual_seed(5)
+        got = m.logits(b)
+        torch.manual_seed(5)
+        want = plain_logits(m, batch(LENGTHS, width=width))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.manual_seed(6)
+        assert not torch.allclose(m.logits(b), got)  # dropout is really on in the trained layers
+
+
+def test_frozen_layers_and_embeddings_run_without_dropout():
+    m = tiny_model()
+    m.train_mode(2)
+    inner = m.peft.base_model.model
+    assert not any(mod.training for i in (0, 1) for mod in m.layers[i].modules())
+    assert not inner.bert.embeddings.dropout.training
+    assert m.layers[2].attention.self.training  # decides attention dropout of a trained layer
+
+
+def test_an_examples_activations_do_not_depend_on_its_batch():
+    m = tiny_model()
+    m.eval_mode()
+    full = batch(LENGTHS)
+
+    def prefix(rows):
+        b = {k: v[rows] for k, v in full.items()}
+        width = int(b["attention_mask"].sum(1).max())
+        pk = make_pack(b["attention_mask"][:, :width])
+        with torch.no_grad():
+            h = m.packed.layers_forward(m.packed.embed(b["input_ids"][:, :width], pk), pk, 0, 3)
+        out = {}
+        for n, a, _, members in pk.groups:
+            for j, i in enumerate(members.tolist()):
+                out[rows[i]] = h[a + j * n:a + (j + 1) * n]
+        return out
+
+    everyone = prefix(list(range(len(LENGTHS))))
+    for rows in ([0], [3, 5], [1, 2, 6], [7, 4, 0]):
+        for r, h in prefix(rows).items():
+            assert torch.equal(h, everyone[r]), r  # bitwise: what makes the cache exact
+
+
+def test_cached_and_uncached_engines_are_identical(tiny_cfg):
+    topk = {"method.name": "fedlora_topk", "method.depth": 2, "run.rounds": 3, "train.local_steps": 3}
+    runs = {}
+    for name, extra in {"cached": {}, "uncached": {"train.prefix_cache": False},
+                        "on disk": {"train.cache_memory_mb": 0}}.items():
+        sim = Simulation(tiny_cfg(**topk, **extra))
+        runs[name] = (sim.run(), sim.state, sim)
+    assert runs["cached"][2].prefix_boundary == 2 and runs["uncached"][2].prefix_boundary == 0
+    cache = runs["on disk"][2].model.prefix
+    assert cache.bytes_in_memory == 0 and cache.bytes_on_disk > 0
+    for name in ("uncached", "on disk"):
+        assert runs[name][0] == runs["cached"][0]  # every metric of every round, exactly
+        assert all(torch.equal(runs[name][1][k], runs["cached"][1][k]) for k in runs["cached"][1])
+
+
+def test_engine_job_equals_a_plain_loop_padded_to_max_length(tiny_cfg):
+    """One device job through the engine (packed, cached, masks drawn for max_length padding) and
+    the same job written the usual way (PEFT forward on batches padded to max_length)."""
+    cfg = tiny_cfg(**{"method.name": "fedlora_topk", "method.depth": 2, "model.max_length": 24, "train.local_steps": 4})
+    sim = Simulation(cfg)
+    m, w = sim.model, sim.work
+    m.dropout_width = cfg.model.max_length
+    plan = DevicePlan(0, sim.global_ranks, (2, 3), 4)
+    data = DeviceData(w.ids, w.labels, w.parts[0], w.pad_id)
+    kw = dict(seed=0, rnd=1, call=0, batch_size=cfg.train.batch_size, lr=cfg.train.lr, weight_decay=0.0, backward_ratio=1.0)
+    sim.evaluate(sim.state, sim.test_batches)  # fill part of the cache first
+    fast = run_job(m, data, dict(sim.state), plan, **kw).update
+
+    packed, m.packed = m.packed, None  # the plain transformers forward
+    from hierfedlora.trainer import sample_batches, torch_seed
+    m.load(dict(sim.state), plan.ranks, plan.train_layers)
+    m.train_mode(2)
+    opt = torch.optim.AdamW(m.trainable_parameters(), lr=cfg.train.lr)
+    torch.manual_seed(torch_seed((0, 5005, 1, 0, 0)))
+    for pick in sample_batches(w.parts[0], 4, cfg.train.batch_size, (0, 4004, 1, 0, 0)):
+        b = collate([w.ids[i] for i in pick], w.labels[pick], w.pad_id)
+        pad = cfg.model.max_length - b["input_ids"].shape[1]
+        loss = F.cross_entropy(m.peft(input_ids=F.pad(b["input_ids"], (0, pad)),
+                                      attention_mask=F.pad(b["attention_mask"], (0, pad))).logits, b["labels"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    plain = m.extract(plan.train_layers, plan.ranks)
+    m.packed = packed
+    # float noise: ~1e-3 of the update (Adam magnifies it where gradients start at 0, as A's do);
+    # a different dropout mask or a wrong layer: ~0.2 to 2
+    err = sum(float((fast[k] - plain[k]).norm()) ** 2 for k in plain) ** 0.5
+    update = sum(float((plain[k] - sim.state[k]).norm()) ** 2 for k in plain) ** 0.5
+    assert err <= 1e-2 * update
+
+
+def test_cache_is_refused_or_invalidated_when_its_assumption_breaks():
+    m = tiny_model()
+    cache = PrefixCache(32, 1000)
+    assert m.enable_prefix_cache(2, cache)
+    b = {**batch(LENGTHS), "index": torch.arange(len(LENGTHS))}
+    ranks = {l: 4 for l in range(4)}
+    ok = random_state(m, range(4))
+    for l in (0, 1):  # identity LoRA below the boundary: the cache applies
+        for sub in ("attention.self.query", "attention.self.value"):
+            ok[lora_key(l, sub, "B")] = torch.zeros_like(ok[lora_key(l, sub, "B")])
+    m.load(ok, ranks, ())
+    m.eval_mode()
+    with torch.no_grad():
+        m.logits(b)
+    assert len(cache) == len(LENGTHS)
+
+    bad = random_state(m, range(4))  # layer 1's LoRA is not the identity: refuse, run the full forward
+    with pytest.warns(UserWarning, match="refused"):
+        m.load(bad, ranks, ())
+    with torch.no_grad():
+        torch.testing.assert_close(m.logits(b), plain_logits(m, b), rtol=1e-5, atol=1e-6)
+    assert m.prefix is cache
+
+    with pytest.warns(UserWarning, match="invalidated"):  # a plan trains below the boundary
+        m.load(ok, ranks, (1, 2, 3))
+    assert m.prefix is None and len(cache) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.load(bad, ranks, ())  # from now on the full forward, silently
+
+
+def test_prefix_cache_spills_to_disk_beyond_its_memory():
+    rng = np.random.default_rng(0)
+    rows = {k: rng.standard_normal((n, 8)).astype(np.float32) for k, n in enumerate([5, 7, 3, 9, 4])}
+    cache = PrefixCache(8, capacity_rows=12, memory_mb=12 * 8 * 4 / 2**20)
+    for k, r in rows.items():
+        cache.put(k, r)
+    assert cache.bytes_in_memory == 12 * 8 * 4 and cache.bytes_on_disk == 16 * 8 * 4
+    np.testing.assert_array_equal(cache.get([3, 0, 4]), np.concatenate([rows[3], rows[0], rows[4]]))
+    assert cache.missing([0, 9, 4, 11]) == [9, 11]
+    cache.close()
+    assert len(cache) == 0 and cache.bytes_on_disk == 0
+
+
+def test_topk_trains_and_sends_only_the_top_layers(tiny_cfg):
+    sim = Simulation(tiny_cfg(**{"method.name": "fedlora_topk", "method.depth": 1, "run.rounds": 1}))
+    assert sim.global_ranks == {3: 4} and sim.strategy.lowest_trainable_layer() == 3 and sim.prefix_boundary == 3
+    row = sim.step()
+    lay = sim.model.layout
+    assert row["bytes_up"] == sim.cfg.fleet.num_devices * (lay.params_per_rank(3) * 4 + lay.head_params()) * 4
+
+
+def test_architectures_without_a_packed_forward_keep_the_plain_one(tiny_cfg):
+    sim = Simulation(tiny_cfg(**{"model.name": "tiny-llama", "model.target_modules": ["q_proj", "v_proj"],
+                                 "method.name": "fedlora_topk", "method.depth": 2, "run.rounds": 1}))
+    assert sim.model.packed is None and sim.prefix_boundary == 0
+    assert "test_acc" in sim.step()
+
+
+def test_device_jobs_in_worker_processes_give_the_same_run(tiny_cfg):
+    topk = {"method.name": "fedlora_topk", "method.depth": 2, "run.rounds": 2, "fleet.num_devices": 5, "train.threads": 1}
+    here = Simulation(tiny_cfg(**topk))
+    pool = Simulation(tiny_cfg(**topk, **{"train.workers": 2}))
+    assert type(pool.executor).__name__ == "ProcessExecutor"
+    assert here.run() == pool.run()
+    assert all(torch.equal(here.state[k], pool.state[k]) for k in here.state)
+    pool.executor.close()
+    assert not any(p.is_alive() for p in pool.executor.procs)
