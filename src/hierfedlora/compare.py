@@ -157,7 +157,7 @@ def table(runs: list[Run], target: float) -> list[dict[str, Any]]:
 def _fmt(v: Any, kind: str) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
-    return {"pct": f"{100 * v:.2f}", "min": f"{v / 60:.1f}", "mb": f"{v / 1e6:.1f}", "x": f"{v:.2f}×",
+    return {"pct": f"{100 * v:.2f}", "s": f"{v:.1f}", "mb": f"{v / 1e6:.1f}", "x": f"{v:.2f}×",
             "save": f"{100 * v:.1f}%"}.get(kind, str(v))
 
 
@@ -171,15 +171,15 @@ def write_report(runs: list[Run], out: Path, target: float | None = None) -> Pat
         "# Method comparison", "",
         f"Target accuracy: {100 * target:.2f}% (default rule: {int(TARGET_FRACTION * 100)}% of FedLoRA's mean final accuracy).",
         "Times are simulated; traffic counts every byte up and down on every link.", "",
-        "| method | seeds | final acc (%) | reached target | time to target (min) | traffic to target (MB) | speed-up vs FedLoRA | traffic saved vs FedLoRA | total sim time (min) | total traffic (MB) |",
+        "| method | seeds | final acc (%) | reached target | time to target (s) | traffic to target (MB) | speed-up vs FedLoRA | traffic saved vs FedLoRA | total sim time (s) | total traffic (MB) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['seeds']} | {_fmt(r['final_acc_mean'], 'pct')} ± {_fmt(r['final_acc_std'], 'pct')} | "
-            f"{r['reached']} | {_fmt(r['time_to_target_s'], 'min')} | {_fmt(r['traffic_to_target_bytes'], 'mb')} | "
+            f"{r['reached']} | {_fmt(r['time_to_target_s'], 's')} | {_fmt(r['traffic_to_target_bytes'], 'mb')} | "
             f"{_fmt(r['speedup_vs_fedlora'], 'x')} | {_fmt(r['traffic_saving_vs_fedlora'], 'save')} | "
-            f"{_fmt(r['sim_time_s'], 'min')} | {_fmt(r['bytes_total'], 'mb')} |")
+            f"{_fmt(r['sim_time_s'], 's')} | {_fmt(r['bytes_total'], 'mb')} |")
     by = _by_label(runs)
     curves = {lab: [r.rows for r in rs] for lab, rs in by.items()}
     plots.plot_curves(curves, "sim_time_s", out / "accuracy_vs_time.png", "accuracy vs. simulated time")
