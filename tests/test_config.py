@@ -46,3 +46,9 @@ def test_overrides_and_files(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_single_run_ignores_compare_variants(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[method]\nname = "fedlora"\n[variants.x]\nname = "hierfedlora"\nfixed_tau = 1\n')
+    assert load_config(p).method == {"name": "fedlora"}

@@ -164,7 +164,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
-    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    # [variants.*] tables name extra methods for `hierfedlora compare`; a single run ignores them
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items() if k != "variants"}
     for item in overrides or []:
         path, value = parse_override(item)
         node = raw
