@@ -7,7 +7,6 @@ from hierfedlora.adapter import load_adapter
 from hierfedlora.cli import main, run_experiment
 from hierfedlora.engine import CHECKPOINT, CheckpointError, Simulation, prepare_run_dir
 from hierfedlora.models import LocalModel, load_base, load_tokenizer
-from hierfedlora.trainer import evaluate
 
 
 def read_rows(path):

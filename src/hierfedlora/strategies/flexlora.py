@@ -21,25 +21,19 @@ approximation of the aggregate (Eckart-Young).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 
 from hierfedlora.aggregate import svd_redistribute
 from hierfedlora.lora_state import State
 from hierfedlora.strategies.base import DevicePlan, Job, RoundContext, RoundReport, SetupInfo, weighted_loss
-from hierfedlora.strategies.hetlora import capacity_ranks, device_capacity, resolve_rank_bounds
+from hierfedlora.strategies.hetlora import RankSettings, capacity_ranks, device_capacity, resolve_rank_bounds
 
 NAME = "flexlora"
 
 
-class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    rank_min: int = Field(2, ge=1, description="Rank of the slowest device (clamped to rank_max).")
-    rank_max: int | None = Field(None, ge=1, description="Rank of the fastest device and of the server; None = model.rank.")
-    capacity: Literal["round_time", "flops"] = Field(
-        "round_time", description="Device capacity behind its rank: 1/predicted full-rank round time, or FLOP/s.")
+class Settings(RankSettings):
+    """rank_min, rank_max, capacity: as HetLoRA's (see `hetlora.RankSettings`)."""
 
 
 class Strategy:

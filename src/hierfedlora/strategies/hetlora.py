@@ -41,13 +41,18 @@ PRUNE_KEY = "hetlora_prune"  # DevicePlan.extra: λ (the regulariser's strength)
 GAMMA_KEY = "hetlora_prune_gamma"  # DevicePlan.extra: γ (fraction of the rank kept)
 
 
-class Settings(BaseModel):
+class RankSettings(BaseModel):
+    """Per-device ranks from capacity; shared with FlexLoRA, which assigns ranks the same way."""
+
     model_config = ConfigDict(extra="forbid")
 
     rank_min: int = Field(2, ge=1, description="Rank of the slowest device (clamped to rank_max).")
     rank_max: int | None = Field(None, ge=1, description="Rank of the fastest device and of the server; None = model.rank.")
     capacity: Literal["round_time", "flops"] = Field(
         "round_time", description="Device capacity behind its rank: 1/predicted full-rank round time, or FLOP/s.")
+
+
+class Settings(RankSettings):
     weighting: Literal["norm", "data", "norm_data"] = Field(
         "norm", description="LoRA aggregation weight: ‖B_k A_k‖_F (HetLoRA), data size n_k, or their product.")
     prune_strength: float = Field(0.0, ge=0, description="λ of the self-pruning regulariser (0 = off).")
