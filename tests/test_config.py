@@ -6,7 +6,7 @@ from hierfedlora.config import ConfigError, build_config, load_config
 def test_defaults_are_the_documented_default_experiment():
     cfg = build_config({})
     assert (cfg.model.name, cfg.data.name, cfg.fleet.name, cfg.fleet.num_devices, cfg.partition.kind) == (
-        "minilm", "rotten_tomatoes", "jetson80", 20, "dirichlet")
+        "minilm", "rotten_tomatoes", "jetson80", 20, "dirichlet_device")
     assert cfg.method["name"] == "fedlora"
 
 

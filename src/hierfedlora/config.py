@@ -49,9 +49,9 @@ class DataConfig(_Section):
 
 class PartitionConfig(_Section):
     kind: Literal["dirichlet", "dirichlet_device", "pathological", "iid"] = Field(
-        "dirichlet", description="dirichlet: per-class Dir(alpha) split (flwr-datasets); dirichlet_device: equal "
+        "dirichlet_device", description="dirichlet: per-class Dir(alpha) split (flwr-datasets); dirichlet_device: equal "
         "shares with per-device label mix Dir(alpha·p); pathological: k classes per device; iid.")
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration: smaller is more skewed.")
+    alpha: float = Field(10.0, gt=0, description="Dirichlet concentration: smaller is more skewed (papers' setting: 0.1-1).")
     classes_per_device: int = Field(2, ge=1, description="Classes per device for kind = pathological.")
     min_partition_size: int = Field(10, ge=0, description="Fewest examples per device for kind = dirichlet.")
 
@@ -59,7 +59,7 @@ class PartitionConfig(_Section):
 class FleetConfig(_Section):
     name: str = Field("jetson80", description="jetson80, uniform, or a fleet .toml file.")
     num_devices: int = Field(20, ge=1, description="Devices drawn (seeded) from the fleet.")
-    participation: float = Field(1.0, gt=0, le=1, description="Fraction of devices available each round.")
+    participation: float = Field(0.5, gt=0, le=1, description="Fraction of devices available each round.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Probability a selected device drops out of a round.")
     bandwidth_jitter: float = Field(0.0, ge=0, lt=1, description="Per-round WAN bandwidth factor ~ U(1-j, 1+j).")
     aggregator: Literal["edge", "ps"] = Field("edge", description="Group aggregator: an edge node on the LAN, or the PS itself (WAN).")
@@ -75,9 +75,9 @@ class FleetConfig(_Section):
 
 
 class TrainConfig(_Section):
-    local_steps: int = Field(4, ge=1, description="Local steps E per device per (intra-group) round.")
+    local_steps: int = Field(8, ge=1, description="Local steps E per device per (intra-group) round.")
     batch_size: int = Field(16, ge=1, description="Local batch size.")
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of local training (fresh optimiser each local round).")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate of local training (fresh optimiser each local round).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     eval_batch_size: int = Field(128, ge=1, description="Batch size of evaluation (test and validation).")
     threads: int = Field(0, ge=0, description="torch threads (0 = all cores).")
