@@ -20,6 +20,7 @@ token lengths as the simulated clock counts them) over this machine's measured d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import os
@@ -40,12 +41,15 @@ from hierfedlora.trainer import sample_batches, torch_seed
 
 def config(method: dict, quick: bool, threads: int, workers: int = 1):
     devices, steps, test = (4, 4, 256) if quick else (20, 8, 1000)
-    return build_config({
-        "run": {"rounds": 2, "eval_every": 1, "progress": False},
-        "model": {"name": "minilm", "max_length": 64},
+    return build_config({  # everything the comparison depends on is pinned here, not left to defaults
+        "run": {"seed": 0, "rounds": 2, "eval_every": 1, "progress": False},
+        "model": {"name": "minilm", "max_length": 64, "rank": 8, "alpha": 16.0, "lora_dropout": 0.0,
+                  "target_modules": ["query", "value"]},
         "data": {"name": "rotten_tomatoes", "max_test_examples": test},
-        "fleet": {"num_devices": devices},
-        "train": {"local_steps": steps, "batch_size": 16, "threads": threads, "workers": workers},
+        "partition": {"kind": "dirichlet", "alpha": 0.5},
+        "fleet": {"num_devices": devices, "participation": 1.0, "dropout": 0.0},
+        "train": {"local_steps": steps, "batch_size": 16, "lr": 1e-3, "weight_decay": 0.0, "eval_batch_size": 128,
+                  "threads": threads, "workers": workers},
         "method": method,
     })
 
@@ -147,6 +151,9 @@ class TimedExecutor:
         self.flops += sum(o.flops for o in outs if o is not None)
         return outs
 
+    def __getattr__(self, name):  # evaluate, close: the wrapped executor's
+        return getattr(self.inner, name)
+
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -161,7 +168,50 @@ def _timed(f) -> float:
     return time.perf_counter() - t
 
 
-def run_workload(name: str, method: dict, args, profiler: cProfile.Profile | None) -> dict:
+class Profiler:
+    """cProfile (which Python functions) and torch.profiler (which ops) over the engine's rounds."""
+
+    def __init__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.py, self.ops = cProfile.Profile(), profile(activities=[ProfilerActivity.CPU])
+        self.ops.__enter__()
+        self.ops.toggle_collection_dynamic(False, [ProfilerActivity.CPU])
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity
+
+        self.py.enable()
+        self.ops.toggle_collection_dynamic(True, [ProfilerActivity.CPU])
+
+    def __exit__(self, *exc):
+        from torch.profiler import ProfilerActivity
+
+        self.ops.toggle_collection_dynamic(False, [ProfilerActivity.CPU])
+        self.py.disable()
+
+    def report(self) -> str:
+        self.ops.__exit__(None, None, None)
+        out = io.StringIO()
+        stats = pstats.Stats(self.py, stream=out)
+        stats.sort_stats("cumulative").print_stats("hierfedlora", 14)
+        lines = ["-- Python functions of the engine (cProfile, cumulative) --"]
+        lines += [l for l in out.getvalue().splitlines() if "hierfedlora" in l or "ncalls" in l]
+        ops = self.ops.key_averages()
+        total = sum(e.self_cpu_time_total for e in ops)
+        groups = {"matrix products (addmm, mm, bmm)": ("aten::addmm", "aten::mm", "aten::bmm"),
+                  "dropout masks (bernoulli_)": ("aten::bernoulli_",)}
+        lines.append(f"-- torch ops (torch.profiler, self CPU time, total {total / 1e6:.1f} s) --")
+        for label, names in groups.items():
+            t = sum(e.self_cpu_time_total for e in ops if e.key in names)
+            lines.append(f"{100 * t / total:5.1f}%  {label}")
+        lines.append(f"{100 - sum(100 * sum(e.self_cpu_time_total for e in ops if e.key in n) / total for n in groups.values()):5.1f}%  everything else, of which:")
+        rest = sorted((e for e in ops if not any(e.key in n for n in groups.values())), key=lambda e: -e.self_cpu_time_total)
+        lines += [f"{100 * e.self_cpu_time_total / total:7.1f}%  {e.key} ({e.count} calls)" for e in rest[:10]]
+        return "\n".join(lines)
+
+
+def run_workload(name: str, method: dict, args, profiler: Profiler | None) -> dict:
     cfg = config(method, args.quick, args.threads, args.workers)
     sim = Simulation(cfg)
     sim.model.dropout_width = cfg.model.max_length  # draw dropout masks as the padded reference does
@@ -174,11 +224,8 @@ def run_workload(name: str, method: dict, args, profiler: cProfile.Profile | Non
         for path in (("engine", "reference") if rnd % 2 else ("reference", "engine")):
             t = time.perf_counter()
             if path == "engine":
-                if profiler:
-                    profiler.enable()
-                row = sim.step()  # trains and evaluates (eval_every = 1)
-                if profiler:
-                    profiler.disable()
+                with profiler or contextlib.nullcontext():
+                    row = sim.step()  # trains and evaluates (eval_every = 1)
                 t_eng += time.perf_counter() - t
             else:
                 ref.train_round(rnd)
@@ -194,14 +241,12 @@ def run_workload(name: str, method: dict, args, profiler: cProfile.Profile | Non
     rel = err / upd
     same = (rel <= 2e-3 and abs(row["test_acc"] - ref_acc) <= 1.0 / len(sim.work.test) + 1e-12
             and abs(row["test_loss"] - ref_loss) <= 1e-4 * ref_loss)
-    cache = sim.model.prefix
     print(f"  {name}: engine {t_eng:.1f} s (device jobs {timed.seconds:.1f} s), reference {t_ref:.1f} s, "
-          f"speedup {t_ref / t_eng:.2f}x; prefix cache: boundary {sim.prefix_boundary}, "
-          f"{len(cache) if cache else 0} examples, {(cache.bytes_in_memory if cache else 0) / 2**20:.0f} MiB")
+          f"speedup {t_ref / t_eng:.2f}x; layers below {sim.prefix_boundary} cached")
     print(f"  {name}: final adapter |engine - reference| / |update| = {rel:.1e}, test acc {row['test_acc']:.4f} "
           f"vs {ref_acc:.4f}, loss {row['test_loss']:.6f} vs {ref_loss:.6f}: {'SAME' if same else 'DIFFERENT'}", flush=True)
-    if hasattr(timed.inner, "close"):
-        timed.inner.close()
+    if hasattr(timed, "close"):
+        timed.close()
     return {"speedup": t_ref / t_eng, "same": same, "job_s": timed.seconds, "job_flops": timed.flops}
 
 
@@ -209,18 +254,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="4 devices, 4 local steps, 256 test examples")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both paths (0 = torch's default)")
-    ap.add_argument("--profile", action="store_true", help="print a cProfile summary of the engine's time")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile the engine (Python functions and torch ops); runs its device jobs in this process")
     ap.add_argument("--workloads", default="W1,W2", help="which workloads to run (default both)")
     ap.add_argument("--workers", type=int, default=0, help="the engine's train.workers (default 0: one process per core)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.profile:
+        args.workers = 1
     peak = matmul_peak()
     workers = args.workers or os.cpu_count()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (reference, engine evaluation), engine device jobs "
+    print(f"torch {torch.__version__}, reference: {torch.get_num_threads()} threads; engine: device jobs and evaluation "
           f"in {workers} worker process(es); dense fp32 matmul peak {peak / 1e9:.1f} GFLOP/s{' (quick)' if args.quick else ''}",
           flush=True)
-    prof = cProfile.Profile() if args.profile else None
+    prof = Profiler() if args.profile else None
     todo = args.workloads.split(",")
     skip = {"speedup": float("nan"), "same": True, "job_s": float("nan"), "job_flops": float("nan")}
     w1 = run_workload("W1", {"name": "fedlora"}, args, prof) if "W1" in todo else skip
@@ -228,9 +276,7 @@ def main() -> int:
     peak = max(peak, matmul_peak())
     util = w1["job_flops"] / w1["job_s"] / peak
     if prof:
-        s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
-        print("\n".join(s.getvalue().splitlines()[:45]))
+        print(prof.report())
     ok = w1["same"] and w2["same"]
     print(f"results identical: {'yes' if ok else 'NO'}; W1 engine trains at {w1['job_flops'] / w1['job_s'] / 1e9:.1f} GFLOP/s")
     print(f"W1 speedup={w1['speedup']:.2f} W2 speedup={w2['speedup']:.2f} flop_util={util:.2f}")

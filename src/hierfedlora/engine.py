@@ -241,7 +241,10 @@ class Simulation:
 
     def evaluate(self, state: State, batches, ranks: dict[int, int] | None = None) -> tuple[float, float]:
         r = ranks or self.global_ranks
-        self.model.load(to_device(state, r, self.global_ranks), r, ())
+        payload = to_device(state, r, self.global_ranks)
+        if hasattr(self.executor, "evaluate"):  # worker processes share the batches out
+            return self.executor.evaluate(payload, r, batches)
+        self.model.load(payload, r, ())
         return evaluate(self.model, batches)
 
     # -- checkpoints -----------------------------------------------------------------------

@@ -9,8 +9,9 @@ wrappers included) do the maths; this file only replaces transformers' layer loo
 
 Two properties make results independent of how batches are laid out:
 - *Dropout masks are drawn as a padded loop draws them.* Each dropout draws its random mask at the
-  shape a batch padded to `width` has (`width` = `max_length` in the simulator) and keeps the
-  entries of real tokens, so training equals a plain loop that pads to `max_length`, mask for mask.
+  shape a batch padded to `width` has (`LocalModel.dropout_width`: the batch's longest example, as
+  `data.collate` pads, or e.g. `max_length`) and keeps the entries of real tokens, so training
+  equals a plain loop that pads that way, mask for mask (`benchmarks/speed.py` checks it).
 - *An example's activations do not depend on its batch-mates.* Rows of a matrix product are
   computed the same way whatever the number of rows (we pad tiny products to `MIN_ROWS`, below
   which the BLAS picks other kernels), and attention sees only the example's own tokens; so the
@@ -45,10 +46,6 @@ class Pack:
     firsts: torch.Tensor  # [B] packed row of each example's first token, in batch order
     unorder: torch.Tensor  # [B] each example's place in packed order (inverse of the sort)
     groups: list[tuple[int, int, int, torch.Tensor]]
-
-    @property
-    def tokens(self) -> int:
-        return int(self.rows.numel())
 
     @property
     def first_noise_rows(self) -> torch.Tensor:
@@ -110,25 +107,24 @@ def dropout(x: torch.Tensor, mod: nn.Module, pack: Pack, rows: torch.Tensor | No
     return x * noise[(pack.noise_rows if rows is None else rows).to(x.device)]
 
 
-def _lora_linear(mod: nn.Module, x: torch.Tensor, pack: Pack) -> torch.Tensor:
+def linear(mod: nn.Module, x: torch.Tensor, pack: Pack, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`mod(x)` (a Linear or PEFT LoRA Linear) on packed rows (`rows`: as in `dropout`). Products
+    of fewer than MIN_ROWS rows are padded with zero rows so every row is summed the same way."""
+    n = x.shape[0]
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return t if n >= MIN_ROWS else F.pad(t, (0, 0, 0, MIN_ROWS - n))
+
     scale = getattr(mod, "scaling", None)
     if scale is None:  # a plain nn.Linear
-        return mod(x)
+        return mod(pad(x))[:n]
     if scale.get("default", 1.0) == 0.0:  # rank 0 in this plan: the LoRA branch adds exactly 0
-        return mod.base_layer(x)
+        return mod.base_layer(pad(x))[:n]
     drop = mod.lora_dropout["default"]
     if isinstance(drop, nn.Dropout) and drop.training and drop.p > 0:  # PEFT's branch, with our mask
-        return mod.base_layer(x) + mod.lora_B["default"](mod.lora_A["default"](dropout(x, drop, pack))) * scale["default"]
-    return mod(x)
-
-
-def linear(mod: nn.Module, x: torch.Tensor, pack: Pack) -> torch.Tensor:
-    """`mod(x)` (a Linear or PEFT LoRA Linear) on packed rows. Products of fewer than MIN_ROWS rows
-    are padded with zero rows so every row is summed the same way whatever the batch."""
-    n = x.shape[0]
-    if n >= MIN_ROWS:
-        return _lora_linear(mod, x, pack)
-    return _lora_linear(mod, F.pad(x, (0, 0, 0, MIN_ROWS - n)), pack)[:n]
+        lora = mod.lora_B["default"](mod.lora_A["default"](pad(dropout(x, drop, pack, rows))))
+        return (mod.base_layer(pad(x)) + lora * scale["default"])[:n]
+    return mod(pad(x))[:n]
 
 
 class PackedEncoder:
@@ -199,7 +195,7 @@ class PackedEncoder:
         att, so = lay.attention.self, lay.attention.output
         first = x[pack.firsts.to(x.device)]
         rows = pack.first_noise_rows
-        ctx = self.attention(linear(att.query, first, pack), linear(att.key, x, pack), linear(att.value, x, pack),
+        ctx = self.attention(linear(att.query, first, pack, rows), linear(att.key, x, pack), linear(att.value, x, pack),
                              att, pack, first_only=True)
         a = so.LayerNorm(dropout(linear(so.dense, ctx, pack), so.dropout, pack, rows) + first)
         inter = lay.intermediate.intermediate_act_fn(linear(lay.intermediate.dense, a, pack))

@@ -66,17 +66,31 @@ def make_batches(ids: list[np.ndarray], labels: np.ndarray, picks: list[np.ndarr
 
 
 @torch.no_grad()
-def evaluate(model: LocalModel, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of the currently loaded model over pre-collated batches."""
+def batch_scores(model: LocalModel, batches: list[dict[str, torch.Tensor]]) -> list[tuple[float, int, int]]:
+    """(summed cross-entropy, correct, examples) of the currently loaded model, per batch."""
     model.eval_mode()
-    loss_sum, correct, n = 0.0, 0, 0
+    out = []
     for batch in batches:
         logits = model.logits(batch)
         labels = batch["labels"].to(model.device)
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(-1) == labels).sum())
-        n += len(batch["labels"])
+        out.append((float(F.cross_entropy(logits, labels, reduction="sum")), int((logits.argmax(-1) == labels).sum()),
+                    len(batch["labels"])))
+    return out
+
+
+def combine_scores(scores: list[tuple[float, int, int]]) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) from per-batch scores, summed in batch order."""
+    loss_sum, correct, n = 0.0, 0, 0
+    for loss, c, k in scores:
+        loss_sum += loss
+        correct += c
+        n += k
     return loss_sum / n, correct / n
+
+
+def evaluate(model: LocalModel, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of the currently loaded model over pre-collated batches."""
+    return combine_scores(batch_scores(model, batches))
 
 
 @dataclass
