@@ -43,7 +43,7 @@ def tiny_cfg(synthetic_csv, tmp_path):
             "run": {"rounds": 3, "eval_every": 1, "checkpoint_every": 1, "progress": False},
             "model": {"name": "tiny-bert", "rank": 4, "alpha": 8.0},
             "data": {"name": str(synthetic_csv), "cache_dir": str(tmp_path / "cache"), "val_fraction": 0.1},
-            "fleet": {"num_devices": 4},
+            "fleet": {"num_devices": 4, "participation": 1.0},
             "partition": {"kind": "iid"},
             "train": {"local_steps": 2, "batch_size": 8, "lr": 2e-2},
         }

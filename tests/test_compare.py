@@ -12,7 +12,7 @@ def compare_cfg(synthetic_csv, tmp_path):
         "run": {"rounds": 2, "eval_every": 1, "checkpoint_every": 1, "progress": False},
         "model": {"name": "tiny-bert", "rank": 4, "alpha": 8.0},
         "data": {"name": str(synthetic_csv), "cache_dir": str(tmp_path / "cache")},
-        "fleet": {"num_devices": 3},
+        "fleet": {"num_devices": 3, "participation": 1.0},
         "partition": {"kind": "iid"},
         "train": {"local_steps": 2, "batch_size": 8, "lr": 2e-2},
         "variants": {"fedlora-slow": {"name": "fedlora"}},
