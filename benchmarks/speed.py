@@ -13,18 +13,15 @@ The last line reads `W1 speedup=<x> W2 speedup=<y> flop_util=<z>`: flop_util is 
 achieved FLOP/s while training W1 (forward + backward of the trained layers, counted from the real
 token lengths as the simulated clock counts them) over this machine's measured dense matmul peak.
 
-    python benchmarks/speed.py            # the full benchmark (~15-25 min on a quiet 2-core CPU)
+    python benchmarks/speed.py            # the full benchmark (~10 min on a quiet 2-core CPU)
     python benchmarks/speed.py --quick    # 4 devices, 4 steps, 256 test examples (< 3 min)
+    python benchmarks/speed.py --threads 1 --workers 1   # one core each: the work saved, without parallelism
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import cProfile
-import io
 import os
-import pstats
 import time
 
 import numpy as np
@@ -168,50 +165,7 @@ def _timed(f) -> float:
     return time.perf_counter() - t
 
 
-class Profiler:
-    """cProfile (which Python functions) and torch.profiler (which ops) over the engine's rounds."""
-
-    def __init__(self):
-        from torch.profiler import ProfilerActivity, profile
-
-        self.py, self.ops = cProfile.Profile(), profile(activities=[ProfilerActivity.CPU])
-        self.ops.__enter__()
-        self.ops.toggle_collection_dynamic(False, [ProfilerActivity.CPU])
-
-    def __enter__(self):
-        from torch.profiler import ProfilerActivity
-
-        self.py.enable()
-        self.ops.toggle_collection_dynamic(True, [ProfilerActivity.CPU])
-
-    def __exit__(self, *exc):
-        from torch.profiler import ProfilerActivity
-
-        self.ops.toggle_collection_dynamic(False, [ProfilerActivity.CPU])
-        self.py.disable()
-
-    def report(self) -> str:
-        self.ops.__exit__(None, None, None)
-        out = io.StringIO()
-        stats = pstats.Stats(self.py, stream=out)
-        stats.sort_stats("cumulative").print_stats("hierfedlora", 14)
-        lines = ["-- Python functions of the engine (cProfile, cumulative) --"]
-        lines += [l for l in out.getvalue().splitlines() if "hierfedlora" in l or "ncalls" in l]
-        ops = self.ops.key_averages()
-        total = sum(e.self_cpu_time_total for e in ops)
-        groups = {"matrix products (addmm, mm, bmm)": ("aten::addmm", "aten::mm", "aten::bmm"),
-                  "dropout masks (bernoulli_)": ("aten::bernoulli_",)}
-        lines.append(f"-- torch ops (torch.profiler, self CPU time, total {total / 1e6:.1f} s) --")
-        for label, names in groups.items():
-            t = sum(e.self_cpu_time_total for e in ops if e.key in names)
-            lines.append(f"{100 * t / total:5.1f}%  {label}")
-        lines.append(f"{100 - sum(100 * sum(e.self_cpu_time_total for e in ops if e.key in n) / total for n in groups.values()):5.1f}%  everything else, of which:")
-        rest = sorted((e for e in ops if not any(e.key in n for n in groups.values())), key=lambda e: -e.self_cpu_time_total)
-        lines += [f"{100 * e.self_cpu_time_total / total:7.1f}%  {e.key} ({e.count} calls)" for e in rest[:10]]
-        return "\n".join(lines)
-
-
-def run_workload(name: str, method: dict, args, profiler: Profiler | None) -> dict:
+def run_workload(name: str, method: dict, args) -> dict:
     cfg = config(method, args.quick, args.threads, args.workers)
     sim = Simulation(cfg)
     sim.model.dropout_width = cfg.model.max_length  # draw dropout masks as the padded reference does
@@ -224,8 +178,7 @@ def run_workload(name: str, method: dict, args, profiler: Profiler | None) -> di
         for path in (("engine", "reference") if rnd % 2 else ("reference", "engine")):
             t = time.perf_counter()
             if path == "engine":
-                with profiler or contextlib.nullcontext():
-                    row = sim.step()  # trains and evaluates (eval_every = 1)
+                row = sim.step()  # trains and evaluates (eval_every = 1)
                 t_eng += time.perf_counter() - t
             else:
                 ref.train_round(rnd)
@@ -254,29 +207,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="4 devices, 4 local steps, 256 test examples")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both paths (0 = torch's default)")
-    ap.add_argument("--profile", action="store_true",
-                    help="profile the engine (Python functions and torch ops); runs its device jobs in this process")
     ap.add_argument("--workloads", default="W1,W2", help="which workloads to run (default both)")
     ap.add_argument("--workers", type=int, default=0, help="the engine's train.workers (default 0: one process per core)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.profile:
-        args.workers = 1
     peak = matmul_peak()
     workers = args.workers or os.cpu_count()
-    print(f"torch {torch.__version__}, reference: {torch.get_num_threads()} threads; engine: device jobs and evaluation "
-          f"in {workers} worker process(es); dense fp32 matmul peak {peak / 1e9:.1f} GFLOP/s{' (quick)' if args.quick else ''}",
-          flush=True)
-    prof = Profiler() if args.profile else None
+    print(f"torch {torch.__version__}; reference: {torch.get_num_threads()} torch threads; engine: train.workers = {workers} "
+          f"(single-threaded worker processes{', i.e. in-process' if workers == 1 else ''}); "
+          f"dense fp32 matmul peak {peak / 1e9:.1f} GFLOP/s{' (quick)' if args.quick else ''}", flush=True)
     todo = args.workloads.split(",")
     skip = {"speedup": float("nan"), "same": True, "job_s": float("nan"), "job_flops": float("nan")}
-    w1 = run_workload("W1", {"name": "fedlora"}, args, prof) if "W1" in todo else skip
-    w2 = run_workload("W2", {"name": "fedlora_topk", "depth": 2}, args, prof) if "W2" in todo else skip
+    w1 = run_workload("W1", {"name": "fedlora"}, args) if "W1" in todo else skip
+    w2 = run_workload("W2", {"name": "fedlora_topk", "depth": 2}, args) if "W2" in todo else skip
     peak = max(peak, matmul_peak())
     util = w1["job_flops"] / w1["job_s"] / peak
-    if prof:
-        print(prof.report())
     ok = w1["same"] and w2["same"]
     print(f"results identical: {'yes' if ok else 'NO'}; W1 engine trains at {w1['job_flops'] / w1['job_s'] / 1e9:.1f} GFLOP/s")
     print(f"W1 speedup={w1['speedup']:.2f} W2 speedup={w2['speedup']:.2f} flop_util={util:.2f}")
