@@ -193,6 +193,9 @@ class LocalFederation:
         env = dict(os.environ)
         env.update(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                    PYTHONUNBUFFERED="1")
+        # Flower's processes start further Flower executables by name (the SuperLink launches
+        # `flower-superexec`): put this interpreter's bin folder first, so an unactivated venv works
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         return env
 
     def _spawn(self, cmd: list[str], log_name: str, home: Path) -> subprocess.Popen:
