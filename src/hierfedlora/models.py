@@ -251,7 +251,10 @@ class LocalModel:
         self.device = torch.device(device)
         self.peft.to(self.device)
         self.dropout_width = dropout_width
-        self.packed = packed.PackedEncoder(inner) if packed.supported(inner) else None
+        # The packed forward pays on CPU (no work on padding); on a GPU its many small per-length
+        # attention calls cost more than the padded tokens they save, so the plain forward runs there.
+        use_packed = packed.supported(inner) and self.device.type == "cpu"
+        self.packed = packed.PackedEncoder(inner) if use_packed else None
         self.prefix: PrefixCache | None = None  # see enable_prefix_cache
         self.boundary = 0
         self._prefix_on = False
