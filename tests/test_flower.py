@@ -391,3 +391,50 @@ def test_killed_supernode_is_dropped_then_rejoins(tiny_cfg, tmp_path, federation
     assert any(e["event"] in ("replaced", "joined") and e.get("device") == 2 and e["round"] == 3 for e in events)
     failed = [e for e in events if e["event"] == "train" and e["round"] == 2][0]["failed"]
     assert set(failed) == {"2"}
+
+
+def _stop_processes_mentioning(text: str) -> None:
+    """Kill every process whose command line mentions `text`, and its children."""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(text in part for part in (p.info["cmdline"] or [])):
+                for c in p.children(recursive=True):
+                    c.kill()
+                p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.mark.flower_processes
+def test_flwr_run_on_the_simulation_runtime_matches_engine(tiny_cfg, tmp_path):
+    """README's `flwr run . local`: Flower's simulation runtime (Ray, 3 virtual SuperNodes) runs
+    this repository as a Flower App and gives the in-process run's metrics, tensors and traffic."""
+    import os
+    import subprocess
+    import sys
+
+    import tomli_w
+
+    cfg = tiny_cfg(**{"run.rounds": 2, "fleet.num_devices": 3, "train.threads": 1})
+    cfg_path = tmp_path / "experiment.toml"
+    dump_config(cfg, cfg_path)
+    run_experiment(cfg, tmp_path / "local", progress=False, export=False)
+    home = tmp_path / "flwr-home"  # the managed local SuperLink lives under it
+    home.mkdir()
+    overrides = tmp_path / "run-config.toml"
+    overrides.write_text(tomli_w.dumps({"experiment-config": str(cfg_path), "run-dir": str(tmp_path / "flower")}))
+    bin_dir = str(Path(sys.executable).parent)
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               FLWR_TELEMETRY_ENABLED="0", PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+    try:
+        out = subprocess.run([str(Path(bin_dir) / "flwr"), "run", str(REPO), "local", "--federation-config",
+                              "num-supernodes=3", "--run-config", str(overrides), "--stream"],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    finally:
+        _stop_processes_mentioning(str(home))
+    log = out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 0 and (tmp_path / "flower" / "summary.json").exists(), log
+    assert "3 simulated SuperNodes" in log
+    _final_metrics_agree(tmp_path / "local", tmp_path / "flower")
