@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
+import tomli_w  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from pydantic import BaseModel, ConfigDict  # noqa: E402
@@ -411,12 +415,6 @@ def _stop_processes_mentioning(text: str) -> None:
 def test_flwr_run_on_the_simulation_runtime_matches_engine(tiny_cfg, tmp_path):
     """README's `flwr run . local`: Flower's simulation runtime (Ray, 3 virtual SuperNodes) runs
     this repository as a Flower App and gives the in-process run's metrics, tensors and traffic."""
-    import os
-    import subprocess
-    import sys
-
-    import tomli_w
-
     cfg = tiny_cfg(**{"run.rounds": 2, "fleet.num_devices": 3, "train.threads": 1})
     cfg_path = tmp_path / "experiment.toml"
     dump_config(cfg, cfg_path)
