@@ -99,15 +99,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_experiment_arguments(p: argparse.ArgumentParser, out_default: str, what: str = "run") -> None:
+    """The arguments every command that runs one experiment takes (`run`, `flower`)."""
+    p.add_argument("config", nargs="?", help="TOML config (default: built-in defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. train.lr=5e-4")
+    p.add_argument("--out", help=f"run directory (default: {out_default})")
+    p.add_argument("--resume", metavar="DIR", help=f"continue the {what} in DIR from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hierfedlora", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="simulate one experiment")
-    r.add_argument("config", nargs="?", help="TOML config (default: built-in defaults)")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. train.lr=5e-4")
-    r.add_argument("--out", help="run directory (default: runs/<config name>)")
-    r.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    add_experiment_arguments(r, "runs/<config name>")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
 

@@ -19,12 +19,10 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
+    from hierfedlora.cli import add_experiment_arguments
+
     f = sub.add_parser("flower", help="run one experiment across Flower SuperNodes on this machine (docs/flower.md)")
-    f.add_argument("config", nargs="?", help="TOML config, the same files as `hierfedlora run`")
-    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. run.rounds=3")
-    f.add_argument("--out", help="run directory (default: runs/<config name>-flower)")
-    f.add_argument("--resume", metavar="DIR", help="continue the Flower run in DIR from its last checkpoint")
-    f.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    add_experiment_arguments(f, "runs/<config name>-flower", what="Flower run")
     f.add_argument("--supernodes", type=int, help="SuperNodes to start, playing devices 0..N-1 (default: fleet.num_devices)")
     f.add_argument("--tls", action="store_true", help="TLS between every process, with a CA and certificate generated for 127.0.0.1")
     f.add_argument("--auth", action="store_true", help="SuperNode authentication: a key pair per node, registered with the SuperLink (needs --tls)")
