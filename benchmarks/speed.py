@@ -16,6 +16,8 @@ token lengths as the simulated clock counts them) over this machine's measured d
     python benchmarks/speed.py            # the full benchmark (~10 min on a quiet 2-core CPU)
     python benchmarks/speed.py --quick    # 4 devices, 4 steps, 256 test examples (< 3 min)
     python benchmarks/speed.py --threads 1 --workers 1   # one core each: the work saved, without parallelism
+    py-spy record --subprocesses --format raw -r 50 -o w2.txt -- python benchmarks/speed.py --engine-only --workloads W2
+    python benchmarks/profile_summary.py w2.txt          # where the engine's time goes
 """
 
 from __future__ import annotations
@@ -171,6 +173,15 @@ def run_workload(name: str, method: dict, args) -> dict:
     sim.model.dropout_width = cfg.model.max_length  # draw dropout masks as the padded reference does
     timed = TimedExecutor(sim.executor)
     sim.executor = timed
+    if args.engine_only:  # for a profiler: the engine's rounds and nothing else
+        t = time.perf_counter()
+        for rnd in range(1, cfg.run.rounds + 1):
+            row = sim.step()
+            print(f"  {name} round {rnd}: engine acc {row['test_acc']:.4f} loss {row['test_loss']:.5f}", flush=True)
+        print(f"  {name}: engine {time.perf_counter() - t:.1f} s (device jobs {timed.seconds:.1f} s)", flush=True)
+        if hasattr(timed, "close"):
+            timed.close()
+        return {"speedup": float("nan"), "same": True, "job_s": timed.seconds, "job_flops": timed.flops}
     ref = Reference(sim)
     start = {k: v.clone() for k, v in sim.state.items()}
     t_eng = t_ref = 0.0
@@ -209,6 +220,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both paths (0 = torch's default)")
     ap.add_argument("--workloads", default="W1,W2", help="which workloads to run (default both)")
     ap.add_argument("--workers", type=int, default=0, help="the engine's train.workers (default 0: one process per core)")
+    ap.add_argument("--engine-only", action="store_true",
+                    help="run only the engine's rounds (no reference, no comparison): what to profile, see docs/benchmarks.md")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -221,6 +234,8 @@ def main() -> int:
     skip = {"speedup": float("nan"), "same": True, "job_s": float("nan"), "job_flops": float("nan")}
     w1 = run_workload("W1", {"name": "fedlora"}, args) if "W1" in todo else skip
     w2 = run_workload("W2", {"name": "fedlora_topk", "depth": 2}, args) if "W2" in todo else skip
+    if args.engine_only:
+        return 0
     peak = max(peak, matmul_peak())
     util = w1["job_flops"] / w1["job_s"] / peak
     ok = w1["same"] and w2["same"]
