@@ -252,9 +252,9 @@ class LocalModel:
         self.peft.to(self.device)
         self.dropout_width = dropout_width
         # The packed forward pays on CPU (no work on padding); on a GPU its many small per-length
-        # attention calls cost more than the padded tokens they save (measured on an H100, a MiniLM
-        # FedLoRA round of 20 devices x 8 steps: 3.5 s plain, 14.8 s packed), so the plain forward
-        # (and no prefix cache) runs there.
+        # attention calls cost more than the padded tokens they save (an H100, a MiniLM FedLoRA round
+        # of 20 devices x 8 steps: 3.5 s plain, 14.8 s packed; benchmarks/gpu_forward.py), so the
+        # plain forward (and no prefix cache) runs there.
         use_packed = packed.supported(inner) and self.device.type == "cpu"
         self.packed = packed.PackedEncoder(inner) if use_packed else None
         self.prefix: PrefixCache | None = None  # see enable_prefix_cache
