@@ -55,7 +55,8 @@ def test_packed_forward_equals_plain_forward_with_the_same_dropout_masks(lora_dr
     m.eval_mode()
     with torch.no_grad():
         torch.testing.assert_close(m.logits(b), plain_logits(m, b), rtol=1e-5, atol=1e-6)
-    for width, b in ((None, b), (32, b), (None, batch([4, 6, 3]))):  # the last: fewer rows than MIN_ROWS  # masks as for per-batch padding, or for padding to 32 tokens
+    # masks as for per-batch padding, for padding to 32 tokens, and for a batch of fewer rows than MIN_ROWS
+    for width, b in ((None, b), (32, b), (None, batch([4, 6, 3]))):
         m.dropout_width = width
         m.train_mode(2)
         torch.manual_seed(5)

@@ -188,10 +188,10 @@ def write_report(runs: list[Run], out: Path, target: float | None = None) -> Pat
                     f"simulated time to {100 * target:.1f}% accuracy")
     lines += ["", "![accuracy vs time](accuracy_vs_time.png)", "![accuracy vs traffic](accuracy_vs_traffic.png)",
               "![time to target](time_to_target.png)"]
+    from hierfedlora.strategies.hierfedlora import plot_arms
+
     arm_runs = [(lab, rs[0]) for lab, rs in by.items() if any("groups" in row for row in rs[0].rows)]
     for lab, r in arm_runs:
-        from hierfedlora.strategies.hierfedlora import plot_arms
-
         name = f"arms_{lab}.png"
         plot_arms(r.rows, out / name, 1 + max(g["group"] for row in r.rows for g in row.get("groups", [])))
         lines.append(f"![{lab} arms]({name})")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from hierfedlora.aggregate import svd_redistribute
 from hierfedlora.lora_state import State
 from hierfedlora.strategies.base import DevicePlan, Job, RoundContext, RoundReport, SetupInfo, weighted_loss
