@@ -20,15 +20,34 @@ Two properties make results independent of how batches are laid out:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hierfedlora import masks
+
 SUPPORTED = ("bert", "roberta")
 # Below this many rows the BLAS switches to small-matrix kernels whose sums are ordered differently.
 MIN_ROWS = 16
+# Attention pads each example to a multiple of this many tokens (its own length decides, so its
+# result does not depend on its batch-mates) and runs one product per padded length: a batch of 16
+# then takes ~4 calls instead of one per distinct length (~13).
+BUCKET = 8
+
+
+@dataclass
+class Bucket:
+    """Examples whose lengths round up to the same `width` (consecutive in packed order)."""
+
+    width: int
+    members: torch.Tensor  # [G] batch positions
+    lengths: list[int]  # [G] real tokens of each
+    key_mask: torch.Tensor  # [G, 1, 1, width]: 0 for a real key, -inf for padding
+    real: torch.Tensor  # [tokens] positions of the real tokens in the flattened [G * width] slots
 
 
 @dataclass
@@ -45,7 +64,31 @@ class Pack:
     noise_rows: torch.Tensor  # [T] each packed token's index in a flattened [B*width] mask
     firsts: torch.Tensor  # [B] packed row of each example's first token, in batch order
     unorder: torch.Tensor  # [B] each example's place in packed order (inverse of the sort)
+    order: torch.Tensor  # [B] batch position of each example in packed order
     groups: list[tuple[int, int, int, torch.Tensor]]
+    buckets: list[Bucket]
+    slots: torch.Tensor  # packed row behind every bucket slot, buckets concatenated (padding: the example's first row)
+
+    _runs: dict = field(default_factory=dict, repr=False)
+
+    def attention_runs(self, heads: int, first_only: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+        """Where each bucket's attention-dropout entries sit in a [B, heads, width, width] mask:
+        (src, length, dst) runs for `masks.draw` (one per example, head and real query row, over
+        its real keys) into the buckets' [G, heads, queries, width] blocks laid end to end, and
+        the blocks' offsets (last: total size)."""
+        key = (heads, first_only)
+        if key not in self._runs:
+            W, src, length, dst, offsets = self.width, [], [], [], [0]
+            for bk in self.buckets:
+                q = 1 if first_only else bk.width
+                for g, (b, n) in enumerate(zip(bk.members.tolist(), bk.lengths)):
+                    h, i = np.arange(heads)[:, None], np.arange(1 if first_only else n)[None, :]
+                    src.append((((b * heads + h) * W + i) * W).ravel())
+                    dst.append((offsets[-1] + ((g * heads + h) * q + i) * bk.width).ravel())
+                    length.append(np.full(src[-1].size, n))
+                offsets.append(offsets[-1] + len(bk.members) * heads * q * bk.width)
+            self._runs[key] = (np.concatenate(src), np.concatenate(length), np.concatenate(dst), offsets)
+        return self._runs[key]
 
     @property
     def first_noise_rows(self) -> torch.Tensor:
@@ -77,7 +120,28 @@ def make_pack(attention_mask: torch.Tensor, width: int | None = None) -> Pack:
         groups.append((ls[i], row, row + ls[i] * (j - i), order[i:j]))
         row += ls[i] * (j - i)
         i = j
-    return Pack(B, width, example * W + pos, example * width + pos, firsts, unorder, groups)
+    buckets, slots = _buckets(ls, order)
+    return Pack(B, width, example * W + pos, example * width + pos, firsts, unorder, order, groups, buckets, slots)
+
+
+def _buckets(ls: list[int], order: torch.Tensor) -> tuple[list[Bucket], torch.Tensor]:
+    """Attention buckets of length-sorted examples (see BUCKET)."""
+    lengths = torch.tensor(ls)
+    starts = torch.cumsum(lengths, 0) - lengths
+    widths = (lengths + BUCKET - 1) // BUCKET * BUCKET
+    buckets, slots, i = [], [], 0
+    while i < len(ls):
+        j = i
+        while j < len(ls) and widths[j] == widths[i]:
+            j += 1
+        wb = int(widths[i])
+        t = torch.arange(wb)
+        real = t[None, :] < lengths[i:j, None]  # [G, wb]
+        slots.append(torch.where(real, starts[i:j, None] + t, starts[i:j, None]).reshape(-1))
+        key_mask = torch.zeros(j - i, 1, 1, wb).masked_fill_(~real[:, None, None, :], float("-inf"))
+        buckets.append(Bucket(wb, order[i:j], ls[i:j], key_mask, real.reshape(-1).nonzero().squeeze(1)))
+        i = j
+    return buckets, torch.cat(slots)
 
 
 def supported(model: nn.Module) -> bool:
@@ -102,29 +166,39 @@ def dropout(x: torch.Tensor, mod: nn.Module, pack: Pack, rows: torch.Tensor | No
     [B, width, h] padded batch would get (see top)."""
     if not isinstance(mod, nn.Dropout) or not mod.training or mod.p == 0.0:
         return x
+    rows = pack.noise_rows if rows is None else rows
+    h, keep = x.shape[-1], 1 - mod.p
+    if x.device.type == "cpu" and masks.available():  # the same numbers, drawn only for these rows
+        r = rows.numpy()
+        return x * masks.draw(pack.batch * pack.width * h, r * h, np.full(len(r), h), np.arange(len(r)) * h,
+                              len(r) * h, keep).view(len(r), h)
     # as aten's CPU dropout: noise = bernoulli(1-p) / (1-p); out = x * noise
-    noise = torch.empty(pack.batch * pack.width, x.shape[-1], device=x.device).bernoulli_(1 - mod.p).div_(1 - mod.p)
-    return x * noise[(pack.noise_rows if rows is None else rows).to(x.device)]
+    noise = torch.empty(pack.batch * pack.width, h, device=x.device).bernoulli_(keep).div_(keep)
+    return x * noise[rows.to(x.device)]
 
 
 def linear(mod: nn.Module, x: torch.Tensor, pack: Pack, rows: torch.Tensor | None = None) -> torch.Tensor:
     """`mod(x)` (a Linear or PEFT LoRA Linear) on packed rows (`rows`: as in `dropout`). Products
     of fewer than MIN_ROWS rows are padded with zero rows so every row is summed the same way."""
     n = x.shape[0]
+    short = n < MIN_ROWS
 
     def pad(t: torch.Tensor) -> torch.Tensor:
-        return t if n >= MIN_ROWS else F.pad(t, (0, 0, 0, MIN_ROWS - n))
+        return F.pad(t, (0, 0, 0, MIN_ROWS - n)) if short else t
+
+    def crop(t: torch.Tensor) -> torch.Tensor:  # no slice when nothing was padded: its backward copies
+        return t[:n] if short else t
 
     scale = getattr(mod, "scaling", None)
     if scale is None:  # a plain nn.Linear
-        return mod(pad(x))[:n]
+        return crop(mod(pad(x)))
     if scale.get("default", 1.0) == 0.0:  # rank 0 in this plan: the LoRA branch adds exactly 0
-        return mod.base_layer(pad(x))[:n]
+        return crop(mod.base_layer(pad(x)))
     drop = mod.lora_dropout["default"]
     if isinstance(drop, nn.Dropout) and drop.training and drop.p > 0:  # PEFT's branch, with our mask
         lora = mod.lora_B["default"](mod.lora_A["default"](pad(dropout(x, drop, pack, rows))))
-        return (mod.base_layer(pad(x)) + lora * scale["default"])[:n]
-    return mod(pad(x))[:n]
+        return crop(mod.base_layer(pad(x)) + lora * scale["default"])
+    return crop(mod(pad(x)))
 
 
 class PackedEncoder:
@@ -152,30 +226,48 @@ class PackedEncoder:
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, att: nn.Module, pack: Pack,
                   first_only: bool = False) -> torch.Tensor:
-        """Per-example self-attention of packed rows. With `first_only`, `q` holds each example's
-        first-token query (batch order) and only that token's output is computed (batch order)."""
+        """Per-example self-attention of packed rows, one product per bucket (see BUCKET). With
+        `first_only`, `q` holds each example's first-token query (batch order) and only that
+        token's output is computed (batch order)."""
         H, d = att.num_attention_heads, att.attention_head_size
         p = att.dropout.p if att.training else 0.0
-        noise = None
-        if p > 0:  # SDPA's math path draws its mask at [B, H, W, W]; so do we, then crop per example
-            noise = torch.empty(pack.batch, H, pack.width, pack.width, device=q.device).bernoulli_(1 - p).div_(1 - p)
+        dev = q.device
+        noise = blocks = None
+        # SDPA's math path draws its mask at [B, H, W, W]; so do we, then crop per example. Entries
+        # for padded keys (weight 0) and padded queries (not read) may hold anything.
+        if p > 0 and dev.type == "cpu" and masks.available():  # the same numbers, only the real entries
+            src, length, dst, offsets = pack.attention_runs(H, first_only)
+            flat = masks.draw(pack.batch * H * pack.width ** 2, src, length, dst, offsets[-1], 1 - p)
+            blocks = [flat[a:b] for a, b in zip(offsets, offsets[1:])]
+        elif p > 0:
+            noise = torch.empty(pack.batch, H, pack.width, pack.width, device=dev).bernoulli_(1 - p).div_(1 - p)
+            grow = pack.buckets[-1].width - pack.width
+            if grow > 0:  # slots past the padded width hold padding: their weight is 0 anyway
+                noise = F.pad(noise, (0, grow, 0, grow))
+        sizes = [len(bk.members) * bk.width for bk in pack.buckets]
+        slots = pack.slots.to(dev)
+        ks, vs = (t.index_select(0, slots).split(sizes) for t in (k, v))
+        if first_only:  # batch order -> packed order, one query per example
+            qs = q.index_select(0, pack.order.to(dev)).split([len(bk.members) for bk in pack.buckets])
+        else:
+            qs = q.index_select(0, slots).split(sizes)
         out = []
-        for n, a, b, members in pack.groups:
-            shape = ((b - a) // n, n, H, d)
+        for j, (bk, qb, kb, vb) in enumerate(zip(pack.buckets, qs, ks, vs)):
+            G, n = len(bk.members), bk.width
             # contiguous: strided batched products pick kernels by batch size, and so their sums
-            kg, vg = (t[a:b].view(shape).transpose(1, 2).contiguous() for t in (k, v))
-            if first_only:
-                qg = q[members.to(q.device)].view(shape[0], 1, H, d).transpose(1, 2).contiguous()
-            else:
-                qg = q[a:b].view(shape).transpose(1, 2).contiguous()
+            kg, vg = (t.view(G, n, H, d).transpose(1, 2).contiguous() for t in (kb, vb))
+            qg = qb.view(G, -1, H, d).transpose(1, 2).contiguous()
             # Written out rather than F.scaled_dot_product_attention: the fused CPU kernel's sums
             # depend on how many examples share the call (for small head sizes), these do not.
-            w = torch.softmax(qg @ kg.transpose(-1, -2) * att.scaling, dim=-1)
-            if noise is not None:
-                w = w * noise[members.to(q.device), :, :qg.shape[2], :n]
-            out.append((w @ vg).transpose(1, 2).reshape(-1, H * d))
+            w = torch.softmax(qg @ kg.transpose(-1, -2) * att.scaling + bk.key_mask.to(dev), dim=-1)
+            if blocks is not None:
+                w = w * blocks[j].view(G, H, qg.shape[2], n)
+            elif noise is not None:
+                w = w * noise[bk.members.to(dev), :, :qg.shape[2], :n]
+            o = (w @ vg).transpose(1, 2).reshape(-1, H * d)
+            out.append(o if first_only else o.index_select(0, bk.real.to(dev)))
         ctx = torch.cat(out) if len(out) > 1 else out[0]
-        return ctx[pack.unorder.to(q.device)] if first_only else ctx
+        return ctx.index_select(0, pack.unorder.to(dev)) if first_only else ctx
 
     def layer(self, i: int, x: torch.Tensor, pack: Pack) -> torch.Tensor:
         """BertLayer.forward on packed rows: attention, add & norm, MLP, add & norm."""
