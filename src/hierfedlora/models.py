@@ -335,22 +335,54 @@ class LocalModel:
                 return False
         return True
 
+    # examples per pass through the frozen layers: measured on MiniLM (one core), 128 new examples
+    # take 0.74 s in chunks of 16 and 0.70 s in chunks of 64 (bigger chunks: no further gain)
+    PREFIX_CHUNK = 64
+
+    @torch.no_grad()
+    def warm_prefix(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Fill the cache for every example of `batches` not in it yet, PREFIX_CHUNK at a time (a
+        device job knows all its batches before its first step). Values do not depend on which
+        examples share a pass (see `packed`), so this changes no result."""
+        if not (self._prefix_on and batches and all("index" in b for b in batches)):
+            return
+        seen, ids, keys = set(), [], []
+        for b in batches:
+            lengths = b["attention_mask"].sum(1).tolist()
+            for row, (k, n) in enumerate(zip(b["index"].tolist(), lengths)):
+                if k not in self.prefix and k not in seen:
+                    seen.add(k)
+                    ids.append(b["input_ids"][row, :n])
+                    keys.append(k)
+        for i in range(0, len(keys), self.PREFIX_CHUNK):
+            chunk = ids[i:i + self.PREFIX_CHUNK]
+            width = max(len(t) for t in chunk)
+            input_ids = torch.stack([torch.nn.functional.pad(t, (0, width - len(t))) for t in chunk])
+            mask = (torch.arange(width)[None, :] < torch.tensor([len(t) for t in chunk])[:, None]).long()
+            self._compute_prefix(input_ids, mask, keys[i:i + self.PREFIX_CHUNK])
+
+    def _compute_prefix(self, input_ids: torch.Tensor, mask: torch.Tensor, keys: list[int]) -> None:
+        """Layers 0..boundary-1 (in eval mode: frozen layers never drop) for these examples, cached.
+        Pad positions of `input_ids` are never read."""
+        for i in range(0, len(keys), self.PREFIX_CHUNK):
+            m = mask[i:i + self.PREFIX_CHUNK]
+            width = int(m.sum(1).max())
+            sp = packed.make_pack(m[:, :width])
+            h = self.packed.embed(input_ids[i:i + self.PREFIX_CHUNK, :width].to(self.device), sp)
+            h = self.packed.layers_forward(h, sp, 0, self.boundary).cpu().numpy()
+            for (n, a, b, members) in sp.groups:
+                for j, e in enumerate(members.tolist()):
+                    self.prefix.put(keys[i + e], h[a + j * n:a + (j + 1) * n])
+
     @torch.no_grad()
     def _prefix(self, batch: dict[str, torch.Tensor], pack: packed.Pack) -> torch.Tensor:
         """Hidden states entering layer `boundary`, packed as `pack`; computed for examples not
-        cached yet (in eval mode: frozen layers never drop), then read from the cache."""
+        cached yet, then read from the cache."""
         keys = batch["index"].tolist()
         miss = [i for i, k in enumerate(keys) if k not in self.prefix and k not in keys[:i]]
         if miss:
             sub = torch.tensor(miss)
-            mask = batch["attention_mask"][sub]
-            width = int(mask.sum(1).max())
-            sp = packed.make_pack(mask[:, :width])
-            h = self.packed.embed(batch["input_ids"][sub, :width].to(self.device), sp)
-            h = self.packed.layers_forward(h, sp, 0, self.boundary).cpu().numpy()
-            for (n, a, b, members) in sp.groups:
-                for j, m in enumerate(members.tolist()):
-                    self.prefix.put(keys[miss[m]], h[a + j * n:a + (j + 1) * n])
+            self._compute_prefix(batch["input_ids"][sub], batch["attention_mask"][sub], [keys[i] for i in miss])
         order = [keys[i] for n, a, b, members in pack.groups for i in members.tolist()]
         return torch.from_numpy(self.prefix.get(order)).to(self.device)
 

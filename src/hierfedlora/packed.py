@@ -194,11 +194,36 @@ def linear(mod: nn.Module, x: torch.Tensor, pack: Pack, rows: torch.Tensor | Non
         return crop(mod(pad(x)))
     if scale.get("default", 1.0) == 0.0:  # rank 0 in this plan: the LoRA branch adds exactly 0
         return crop(mod.base_layer(pad(x)))
-    drop = mod.lora_dropout["default"]
-    if isinstance(drop, nn.Dropout) and drop.training and drop.p > 0:  # PEFT's branch, with our mask
-        lora = mod.lora_B["default"](mod.lora_A["default"](pad(dropout(x, drop, pack, rows))))
-        return crop(mod.base_layer(pad(x)) + lora * scale["default"])
-    return crop(mod(pad(x)))
+    # PEFT's LoRA Linear: base(x) + B(A(dropout(x))) * scale, with our dropout mask
+    lora = _LoRA.apply(pad(dropout(x, mod.lora_dropout["default"], pack, rows)), mod.lora_A["default"].weight,
+                       mod.lora_B["default"].weight, scale["default"])
+    return crop(mod.base_layer(pad(x)) + lora)
+
+
+class _LoRA(torch.autograd.Function):
+    """(x A^T) B^T * scale, with every product laid out so that the rank r is its first dimension.
+
+    Products with r = 8 output columns (x A^T, and in the backward dY B and dY^T (x A^T)) run at
+    ~12 GFLOP/s in MKL against ~45-60 with r output rows; computing their transposes instead
+    saves ~0.2 ms per product (MiniLM, 433 tokens, one core). Same association as PEFT's, so the
+    same values up to the summation order inside a dot product."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, scale):
+        ut = a @ x.t()  # [r, T]
+        ctx.save_for_backward(x, a, b, ut)
+        ctx.scale = scale
+        return (ut.t() @ b.t()) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, a, b, ut = ctx.saved_tensors
+        g = grad * ctx.scale
+        dut = b.t() @ g.t()  # [r, T]: d(x A^T), transposed
+        dx = dut.t() @ a if ctx.needs_input_grad[0] else None
+        da = dut @ x if ctx.needs_input_grad[1] else None
+        db = (ut @ g).t() if ctx.needs_input_grad[2] else None
+        return dx, da, db, None
 
 
 class PackedEncoder:

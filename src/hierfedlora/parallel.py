@@ -105,9 +105,11 @@ class ProcessExecutor:
         return self._scatter(where, jobs, lambda mine: ("train", rnd, mine))
 
     def evaluate(self, payload, ranks: dict[int, int], batches: list) -> tuple[float, float]:
-        """Evaluation split by batches (batch i on worker i mod n, where its examples are cached),
-        summed in batch order: the same numbers as evaluating here."""
-        where = [i % self.workers for i in range(len(batches))]
+        """Evaluation split by batches, summed in batch order: the same numbers as evaluating here.
+        Batch i always goes to the same worker (its examples are cached there), dealt 0,1,..,n-1,
+        n-1,..,0, 0,1,..: batches come sorted by length, so each worker gets a fair share of tokens."""
+        n = self.workers
+        where = [i % n if (i // n) % 2 == 0 else n - 1 - i % n for i in range(len(batches))]
         return combine_scores(self._scatter(where, batches, lambda mine: ("eval", payload, ranks, mine)))
 
     def close(self) -> None:

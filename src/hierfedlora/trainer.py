@@ -46,6 +46,7 @@ def local_train(model: LocalModel, payload: State, plan: DevicePlan, batches: li
     model.train_mode(lowest)
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.warm_prefix(batches)
     torch.manual_seed(seed)
     total = 0.0
     for batch in batches:
