@@ -81,12 +81,16 @@ class Pack:
             W, src, length, dst, offsets = self.width, [], [], [], [0]
             for bk in self.buckets:
                 q = 1 if first_only else bk.width
-                for g, (b, n) in enumerate(zip(bk.members.tolist(), bk.lengths)):
-                    h, i = np.arange(heads)[:, None], np.arange(1 if first_only else n)[None, :]
-                    src.append((((b * heads + h) * W + i) * W).ravel())
-                    dst.append((offsets[-1] + ((g * heads + h) * q + i) * bk.width).ravel())
-                    length.append(np.full(src[-1].size, n))
-                offsets.append(offsets[-1] + len(bk.members) * heads * q * bk.width)
+                n = np.array(bk.lengths)
+                nq = np.ones_like(n) if first_only else n
+                per = heads * nq  # runs per example: one per head and real query row
+                g = np.repeat(np.arange(len(n)), per)
+                k = np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)
+                h, i = k // nq[g], k % nq[g]
+                src.append(((bk.members.numpy()[g] * heads + h) * W + i) * W)
+                dst.append(offsets[-1] + ((g * heads + h) * q + i) * bk.width)
+                length.append(n[g])
+                offsets.append(offsets[-1] + len(n) * heads * q * bk.width)
             self._runs[key] = (np.concatenate(src), np.concatenate(length), np.concatenate(dst), offsets)
         return self._runs[key]
 
@@ -98,50 +102,48 @@ class Pack:
 
 def make_pack(attention_mask: torch.Tensor, width: int | None = None) -> Pack:
     """Pack a right-padded batch ([B, W] mask: ones, then zeros). `width` is the padded width that
-    dropout masks are drawn at (default W: what a loop with per-batch padding draws)."""
-    mask = attention_mask.cpu()
+    dropout masks are drawn at (default W: what a loop with per-batch padding draws). Index
+    arithmetic in numpy: it runs once per batch, and a loop over examples cost ~0.9 ms of a ~60 ms
+    MiniLM step."""
+    mask = attention_mask.cpu().numpy().astype(bool)
     B, W = mask.shape
     lengths = mask.sum(1)
-    if not torch.equal(mask.bool(), torch.arange(W)[None, :] < lengths[:, None]):
+    if not np.array_equal(mask, np.arange(W)[None, :] < lengths[:, None]):
         raise ValueError("the packed forward needs right-padded batches (mask: ones, then zeros)")
     width = max(width or W, W)
-    order = torch.sort(lengths, stable=True).indices
-    ls = lengths[order].tolist()
-    pos = torch.cat([torch.arange(n) for n in ls])
-    example = torch.repeat_interleave(order, lengths[order])
-    unorder = torch.empty(B, dtype=torch.long)
-    unorder[order] = torch.arange(B)
-    firsts = torch.tensor([0] + ls[:-1]).cumsum(0)[unorder]
-    groups, i, row = [], 0, 0
-    while i < B:
-        j = i
-        while j < B and ls[j] == ls[i]:
-            j += 1
-        groups.append((ls[i], row, row + ls[i] * (j - i), order[i:j]))
-        row += ls[i] * (j - i)
-        i = j
-    buckets, slots = _buckets(ls, order)
-    return Pack(B, width, example * W + pos, example * width + pos, firsts, unorder, order, groups, buckets, slots)
+    order = np.argsort(lengths, kind="stable")
+    ls = lengths[order]
+    starts = np.cumsum(ls) - ls  # packed row of each example, packed order
+    example = np.repeat(order, ls)
+    pos = np.arange(len(example)) - np.repeat(starts, ls)
+    unorder = np.empty(B, dtype=np.int64)
+    unorder[order] = np.arange(B)
+    t = torch.from_numpy
+    order_t = t(order.astype(np.int64))
+    groups = [(int(ls[i]), int(starts[i]), int(starts[i] + ls[i] * (j - i)), order_t[i:j]) for i, j in _runs_of(ls)]
+    buckets, slots = _buckets(ls, starts, order_t)
+    return Pack(B, width, t(example * W + pos), t(example * width + pos), t(starts[unorder]), t(unorder), order_t,
+                groups, buckets, slots)
 
 
-def _buckets(ls: list[int], order: torch.Tensor) -> tuple[list[Bucket], torch.Tensor]:
+def _runs_of(values: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal consecutive values."""
+    cuts = [0, *(np.flatnonzero(np.diff(values)) + 1).tolist(), len(values)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _buckets(ls: np.ndarray, starts: np.ndarray, order: torch.Tensor) -> tuple[list[Bucket], torch.Tensor]:
     """Attention buckets of length-sorted examples (see BUCKET)."""
-    lengths = torch.tensor(ls)
-    starts = torch.cumsum(lengths, 0) - lengths
-    widths = (lengths + BUCKET - 1) // BUCKET * BUCKET
-    buckets, slots, i = [], [], 0
-    while i < len(ls):
-        j = i
-        while j < len(ls) and widths[j] == widths[i]:
-            j += 1
+    widths = (ls + BUCKET - 1) // BUCKET * BUCKET
+    buckets, slots = [], []
+    for i, j in _runs_of(widths):
         wb = int(widths[i])
-        t = torch.arange(wb)
-        real = t[None, :] < lengths[i:j, None]  # [G, wb]
-        slots.append(torch.where(real, starts[i:j, None] + t, starts[i:j, None]).reshape(-1))
-        key_mask = torch.zeros(j - i, 1, 1, wb).masked_fill_(~real[:, None, None, :], float("-inf"))
-        buckets.append(Bucket(wb, order[i:j], ls[i:j], key_mask, real.reshape(-1).nonzero().squeeze(1)))
-        i = j
-    return buckets, torch.cat(slots)
+        t = np.arange(wb)
+        real = t[None, :] < ls[i:j, None]  # [G, wb]
+        slots.append(np.where(real, starts[i:j, None] + t, starts[i:j, None]).reshape(-1))
+        key_mask = torch.from_numpy(np.where(real, 0.0, -np.inf).astype(np.float32)[:, None, None, :])
+        buckets.append(Bucket(wb, order[i:j], ls[i:j].tolist(), key_mask, torch.from_numpy(np.flatnonzero(real))))
+    return buckets, torch.from_numpy(np.concatenate(slots).astype(np.int64))
 
 
 def supported(model: nn.Module) -> bool:
