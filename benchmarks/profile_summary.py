@@ -18,7 +18,7 @@ import re
 PARTS = [
     ("nn.Linear forward", "Linear.forward (torch/nn/modules/linear.py"),
     ("autograd backward", "_engine_run_backward"),
-    ("attention (packed, per length group)", "PackedEncoder.attention ("),
+    ("attention (packed, per bucket)", "PackedEncoder.attention ("),
     ("dropout masks", "dropout (hierfedlora/packed.py|draw (hierfedlora/masks.py"),
     ("GELU", "GELUActivation.forward"),
     ("layer norm", "layer_norm (torch/nn/functional.py"),

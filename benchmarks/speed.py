@@ -13,7 +13,7 @@ The last line reads `W1 speedup=<x> W2 speedup=<y> flop_util=<z>`: flop_util is 
 achieved FLOP/s while training W1 (forward + backward of the trained layers, counted from the real
 token lengths as the simulated clock counts them) over this machine's measured dense matmul peak.
 
-    python benchmarks/speed.py            # the full benchmark (~10 min on a quiet 2-core CPU)
+    python benchmarks/speed.py            # the full benchmark (~6 min on a quiet 2-core CPU)
     python benchmarks/speed.py --quick    # 4 devices, 4 steps, 256 test examples (< 3 min)
     python benchmarks/speed.py --threads 1 --workers 1   # one core each: the work saved, without parallelism
     py-spy record --subprocesses --format raw -r 50 -o w2.txt -- python benchmarks/speed.py --engine-only --workloads W2

@@ -3,18 +3,20 @@
 A padded batch wastes compute on pad tokens: on rotten_tomatoes a batch of 16 is padded to ~48 tokens
 (64 with `max_length` padding) while its examples average 27. Here every token-wise op (projections,
 MLP, LayerNorm) runs on one `[tokens, hidden]` matrix holding only real tokens, and attention runs
-per group of equal-length examples, so nothing ever needs a mask. The model's own modules (PEFT LoRA
-wrappers included) do the maths; this file only replaces transformers' layer loop, and only for
+per example (padded to a multiple of `BUCKET` tokens with its pad keys masked, in one product per
+padded length). The model's own modules (PEFT LoRA wrappers included) do the maths; this file only replaces transformers' layer loop, and only for
 `bert`/`roberta` models (anything else uses the plain forward). `benchmarks/speed.py` measures it.
 
 Two properties make results independent of how batches are laid out:
 - *Dropout masks are drawn as a padded loop draws them.* Each dropout draws its random mask at the
   shape a batch padded to `width` has (`LocalModel.dropout_width`: the batch's longest example, as
-  `data.collate` pads, or e.g. `max_length`) and keeps the entries of real tokens, so training
-  equals a plain loop that pads that way, mask for mask (`benchmarks/speed.py` checks it).
+  `data.collate` pads, or e.g. `max_length`) and keeps the entries of real tokens (`masks` computes
+  only those, with the same numbers), so training equals a plain loop that pads that way, mask for
+  mask (`benchmarks/speed.py` checks it).
 - *An example's activations do not depend on its batch-mates.* Rows of a matrix product are
   computed the same way whatever the number of rows (we pad tiny products to `MIN_ROWS`, below
-  which the BLAS picks other kernels), and attention sees only the example's own tokens; so the
+  which the BLAS picks other kernels), and attention sees only the example's own tokens, padded to
+  a width its own length decides; so the
   frozen-prefix cache (`prefix_cache`) stores exactly what an uncached forward would compute.
 """
 
