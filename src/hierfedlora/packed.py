@@ -16,8 +16,8 @@ Two properties make results independent of how batches are laid out:
 - *An example's activations do not depend on its batch-mates.* Rows of a matrix product are
   computed the same way whatever the number of rows (we pad tiny products to `MIN_ROWS`, below
   which the BLAS picks other kernels), and attention sees only the example's own tokens, padded to
-  a width its own length decides; so the
-  frozen-prefix cache (`prefix_cache`) stores exactly what an uncached forward would compute.
+  a width its own length decides; so the frozen-prefix cache (`prefix_cache`) stores exactly what
+  an uncached forward would compute.
 """
 
 from __future__ import annotations
