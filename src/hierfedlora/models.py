@@ -354,16 +354,14 @@ class LocalModel:
                     seen.add(k)
                     ids.append(b["input_ids"][row, :n])
                     keys.append(k)
-        for i in range(0, len(keys), self.PREFIX_CHUNK):
-            chunk = ids[i:i + self.PREFIX_CHUNK]
-            width = max(len(t) for t in chunk)
-            input_ids = torch.stack([torch.nn.functional.pad(t, (0, width - len(t))) for t in chunk])
-            mask = (torch.arange(width)[None, :] < torch.tensor([len(t) for t in chunk])[:, None]).long()
-            self._compute_prefix(input_ids, mask, keys[i:i + self.PREFIX_CHUNK])
+        if keys:
+            lengths = torch.tensor([len(t) for t in ids])
+            mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
+            self._compute_prefix(torch.nn.utils.rnn.pad_sequence(ids, batch_first=True), mask, keys)
 
     def _compute_prefix(self, input_ids: torch.Tensor, mask: torch.Tensor, keys: list[int]) -> None:
-        """Layers 0..boundary-1 (in eval mode: frozen layers never drop) for these examples, cached.
-        Pad positions of `input_ids` are never read."""
+        """Layers 0..boundary-1 (in eval mode: frozen layers never drop) for these examples, cached,
+        PREFIX_CHUNK at a time. Pad positions of `input_ids` are never read."""
         for i in range(0, len(keys), self.PREFIX_CHUNK):
             m = mask[i:i + self.PREFIX_CHUNK]
             width = int(m.sum(1).max())
