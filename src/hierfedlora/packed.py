@@ -4,8 +4,9 @@ A padded batch wastes compute on pad tokens: on rotten_tomatoes a batch of 16 is
 (64 with `max_length` padding) while its examples average 27. Here every token-wise op (projections,
 MLP, LayerNorm) runs on one `[tokens, hidden]` matrix holding only real tokens, and attention runs
 per example (padded to a multiple of `BUCKET` tokens with its pad keys masked, in one product per
-padded length). The model's own modules (PEFT LoRA wrappers included) do the maths; this file only replaces transformers' layer loop, and only for
-`bert`/`roberta` models (anything else uses the plain forward). `benchmarks/speed.py` measures it.
+padded length). The model's own modules (PEFT LoRA wrappers included) do the maths; this file only
+replaces transformers' layer loop, and only for `bert`/`roberta` models (anything else uses the
+plain forward). `benchmarks/speed.py` measures it.
 
 Two properties make results independent of how batches are laid out:
 - *Dropout masks are drawn as a padded loop draws them.* Each dropout draws its random mask at the
@@ -261,18 +262,22 @@ class PackedEncoder:
         H, d = att.num_attention_heads, att.attention_head_size
         p = att.dropout.p if att.training else 0.0
         dev = q.device
-        noise = blocks = None
-        # SDPA's math path draws its mask at [B, H, W, W]; so do we, then crop per example. Entries
-        # for padded keys (weight 0) and padded queries (not read) may hold anything.
+        # Attention dropout: SDPA's math path draws its mask at [B, H, W, W]; so do we, then take
+        # each bucket's [G, H, queries, width] block. Entries for padded keys (weight 0) and padded
+        # queries (not read) may hold anything.
+        blocks = None
+        queries = [1 if first_only else bk.width for bk in pack.buckets]
         if p > 0 and dev.type == "cpu" and masks.available():  # the same numbers, only the real entries
             src, length, dst, offsets = pack.attention_runs(H, first_only)
             flat = masks.draw(pack.batch * H * pack.width ** 2, src, length, dst, offsets[-1], 1 - p)
-            blocks = [flat[a:b] for a, b in zip(offsets, offsets[1:])]
+            blocks = [flat[a:b].view(len(bk.members), H, nq, bk.width)
+                      for a, b, bk, nq in zip(offsets, offsets[1:], pack.buckets, queries)]
         elif p > 0:
             noise = torch.empty(pack.batch, H, pack.width, pack.width, device=dev).bernoulli_(1 - p).div_(1 - p)
             grow = pack.buckets[-1].width - pack.width
             if grow > 0:  # slots past the padded width hold padding: their weight is 0 anyway
                 noise = F.pad(noise, (0, grow, 0, grow))
+            blocks = [noise[bk.members.to(dev), :, :nq, :bk.width] for bk, nq in zip(pack.buckets, queries)]
         sizes = [len(bk.members) * bk.width for bk in pack.buckets]
         slots = pack.slots.to(dev)
         ks, vs = (t.index_select(0, slots).split(sizes) for t in (k, v))
@@ -290,9 +295,7 @@ class PackedEncoder:
             # depend on how many examples share the call (for small head sizes), these do not.
             w = torch.softmax(qg @ kg.transpose(-1, -2) * att.scaling + bk.key_mask.to(dev), dim=-1)
             if blocks is not None:
-                w = w * blocks[j].view(G, H, qg.shape[2], n)
-            elif noise is not None:
-                w = w * noise[bk.members.to(dev), :, :qg.shape[2], :n]
+                w = w * blocks[j]
             o = (w @ vg).transpose(1, 2).reshape(-1, H * d)
             out.append(o if first_only else o.index_select(0, bk.real.to(dev)))
         ctx = torch.cat(out) if len(out) > 1 else out[0]
