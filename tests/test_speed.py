@@ -221,5 +221,29 @@ def test_device_jobs_in_worker_processes_give_the_same_run(tiny_cfg):
     assert type(pool.executor).__name__ == "ProcessExecutor"
     assert here.run() == pool.run()
     assert all(torch.equal(here.state[k], pool.state[k]) for k in here.state)
-    pool.executor.close()
-    assert not any(p.is_alive() for p in pool.executor.procs)
+    ex = pool.executor
+    # every device's examples are booked on the worker its last job ran on, and each worker
+    # reported time for the work it did
+    assert ex.home and all(w in (0, 1) for w in ex.home.values())
+    for d, w in ex.home.items():
+        assert set(pool.work.parts[d].tolist()) & ex.cached[w]
+    ran = set().union(*ex.cached)
+    assert set(pool.work.test.tolist()) <= ran <= set(pool.work.train.tolist()) | set(pool.work.test.tolist())
+    assert all(r.seconds > 1e-3 and r.flops > 5e7 for r in (ex.rates["train"], ex.rates["eval"]))
+    ex.close()
+    assert not any(p.is_alive() for p in ex.procs)
+
+
+def test_place_keeps_items_home_unless_a_move_shortens_the_longest_worker():
+    from hierfedlora.parallel import place
+
+    # all at home on worker 0 (7 s against 0): moving item 0 (3 s there, 4 s on worker 1) gives 4 | 4
+    assert place([[3, 4], [3, 4], [1, 1.5]], [0, 0, 0]) == [1, 0, 0]
+    # a move that only evens the load without shortening the longest worker is not made
+    assert place([[2, 2], [2, 2]], [0, 1]) == [0, 1]
+    # cached examples make a move dear: 5 | 4 at home; item 0 away costs 3 (5 -> 2 | 7): stays
+    assert place([[1, 3], [4, 5], [4, 4]], [0, 0, 1]) == [0, 0, 1]
+    # three workers, one overloaded: its items spread while that shortens the round
+    where = place([[2, 2, 2]] * 6, [0] * 6)
+    assert sorted(where.count(w) for w in range(3)) == [2, 2, 2]
+    assert place([], []) == [] and place([[1.0]], [0]) == [0]

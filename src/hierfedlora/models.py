@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,6 +261,7 @@ class LocalModel:
         self.prefix: PrefixCache | None = None  # see enable_prefix_cache
         self.boundary = 0
         self._prefix_on = False
+        self.prefix_seconds = 0.0  # time spent filling the cache (worker scheduling reads it)
         self._warned: set[str] = set()
 
     # -- state ------------------------------------------------------------------------------
@@ -362,6 +364,7 @@ class LocalModel:
     def _compute_prefix(self, input_ids: torch.Tensor, mask: torch.Tensor, keys: list[int]) -> None:
         """Layers 0..boundary-1 (in eval mode: frozen layers never drop) for these examples, cached,
         PREFIX_CHUNK at a time. Pad positions of `input_ids` are never read."""
+        start = time.perf_counter()
         for i in range(0, len(keys), self.PREFIX_CHUNK):
             m = mask[i:i + self.PREFIX_CHUNK]
             width = int(m.sum(1).max())
@@ -371,6 +374,7 @@ class LocalModel:
             for (n, a, b, members) in sp.groups:
                 for j, e in enumerate(members.tolist()):
                     self.prefix.put(keys[i + e], h[a + j * n:a + (j + 1) * n])
+        self.prefix_seconds += time.perf_counter() - start
 
     @torch.no_grad()
     def _prefix(self, batch: dict[str, torch.Tensor], pack: packed.Pack) -> torch.Tensor:

@@ -5,20 +5,26 @@ round can run anywhere, in any order, with the same result. On a small CPU that 
 way to use every core: measured on 2 cores (docs/benchmarks.md), a MiniLM local step gains 1.45x
 from a second torch thread but 2x from a second process, because its many small operations do not
 split well across threads. Workers are forked from the simulator when the first round starts, so
-they begin with its model, data and settings as they are then; each keeps its own prefix cache, and
-a device always goes to the same worker when the load allows, so its examples are cached once.
+they begin with its model, data and settings as they are then; each keeps its own prefix cache.
+
+Jobs are placed by estimated cost (`place`): a job costs its training steps plus the first pass of
+its examples that the worker has not cached yet, each at the seconds per FLOP the workers have
+measured so far. A device's job goes where its last one ran (its examples are cached there) unless
+moving it shortens the round, so uneven jobs (HierFedLoRA's depths and frequencies, devices with
+more new examples than others) still end together.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import pickle
+import time
 import traceback
 import weakref
 
 import torch
 
-from hierfedlora.trainer import JobOutput, batch_scores, combine_scores
+from hierfedlora.trainer import JobOutput, batch_scores, combine_scores, job_picks
 
 
 def _serve(sim, conn, cache_mb: float) -> None:
@@ -33,14 +39,65 @@ def _serve(sim, conn, cache_mb: float) -> None:
         if msg is None:
             return
         try:
-            if msg[0] == "train":
-                reply = (True, local.run(*msg[1:]))
+            if msg[0] == "train":  # ("train", rnd, jobs)
+                reply = (True, _timed(sim.model, msg[2], lambda job: local.run(msg[1], [job])[0]))
             else:  # ("eval", payload, ranks, batches)
                 sim.model.load(msg[1], msg[2], ())
-                reply = (True, batch_scores(sim.model, msg[3]))
+                reply = (True, _timed(sim.model, msg[3], lambda b: batch_scores(sim.model, [b])[0]))
         except Exception:  # noqa: BLE001 - reported to the parent, which raises it
             reply = (False, traceback.format_exc())
         conn.send_bytes(pickle.dumps(reply))
+
+
+def _timed(model, items: list, work) -> tuple[list, list[tuple[float, float]]]:
+    """work(item) for each item, with (seconds, of which filling the prefix cache) for each."""
+    out, secs = [], []
+    for item in items:
+        t, p = time.perf_counter(), model.prefix_seconds
+        out.append(work(item))
+        secs.append((time.perf_counter() - t, model.prefix_seconds - p))
+    return out, secs
+
+
+def place(costs: list[list[float]], home: list[int]) -> list[int]:
+    """Worker of each item, from `costs[i][w]` (estimated seconds of item i on worker w): each at
+    its `home` (where its examples are cached), then, while it shortens the longest worker's time,
+    the move of one item off that worker that shortens it most."""
+    n = len(costs[0]) if costs else 0
+    where = list(home)
+    load = [0.0] * n
+    for i, w in enumerate(where):
+        load[w] += costs[i][w]
+    while n > 1:
+        top = max(range(n), key=load.__getitem__)
+        best = (load[top] * (1 - 1e-9), -1, -1)
+        for i in (i for i, w in enumerate(where) if w == top):
+            for w in range(n):
+                if w != top:
+                    best = min(best, (max(load[top] - costs[i][top], load[w] + costs[i][w]), i, w))
+        if best[1] < 0:
+            return where
+        _, i, w = best
+        load[top] -= costs[i][top]
+        load[w] += costs[i][w]
+        where[i] = w
+    return where
+
+
+class _Rate:
+    """Seconds per FLOP of one kind of work, from what the workers measured (a prior of 50
+    GFLOP/s until they have)."""
+
+    def __init__(self):
+        self.seconds, self.flops = 1e-3, 5e7
+
+    def add(self, seconds: float, flops: float) -> None:
+        if flops > 0:
+            self.seconds += max(seconds, 0.0)
+            self.flops += flops
+
+    def __call__(self, flops: float) -> float:
+        return flops * self.seconds / self.flops
 
 
 def _stop(conns, procs) -> None:
@@ -61,6 +118,9 @@ class ProcessExecutor:
     def __init__(self, sim, workers: int):
         self.sim, self.workers = sim, workers
         self.conns, self.procs = [], []
+        self.cached: list[set[int]] = [set() for _ in range(workers)]  # examples each worker has cached
+        self.home: dict[int, int] = {}  # device -> the worker its last job ran on
+        self.rates = {"prefix": _Rate(), "train": _Rate(), "eval": _Rate()}
         self._finalizer = weakref.finalize(self, _stop, self.conns, self.procs)
 
     def _start(self) -> None:
@@ -74,20 +134,34 @@ class ProcessExecutor:
             self.conns.append(mine)
             self.procs.append(p)
 
-    def _assign(self, devices: list[int]) -> list[int]:
-        """Worker of each job: device d on worker d mod n (its cached examples live there),
-        unless that worker already has more jobs than the least loaded one."""
-        n = self.workers
-        load = [0] * n
-        out = []
-        for d in devices:
-            w = d % n if load[d % n] <= min(load) else load.index(min(load))
-            load[w] += 1
-            out.append(w)
-        return out
+    # -- what a piece of work costs ---------------------------------------------------------
+    def _layer_flops(self, keys) -> dict[int, float]:
+        """Forward FLOPs of one layer for each distinct example."""
+        ids, cost = self.sim.work.ids, self.sim.model.cost
+        return {int(k): cost.layer_fwd_flops(len(ids[k])) for k in keys}
 
-    def _scatter(self, where: list[int], items: list, message) -> list:
-        """Send worker w its items (message(items)); return the replies' items in input order."""
+    def _costs(self, firsts: list[dict[int, float]], above: list[float], kind: str) -> list[list[float]]:
+        """Estimated seconds of each item on each worker: `above` (its work above the cache) plus
+        the first pass of its examples (`firsts`: one layer's FLOPs per example) where not cached."""
+        m = self.sim.model
+        cut = m.boundary if m.prefix is not None else 0
+        rate, first = self.rates[kind], self.rates["prefix"]
+        return [[rate(a) + first(cut * sum(f for k, f in ex.items() if k not in self.cached[w]))
+                 for w in range(self.workers)] for ex, a in zip(firsts, above)]
+
+    def _learn(self, where, firsts, above, kind, secs) -> None:
+        """Book what the workers measured and which examples they now hold."""
+        m = self.sim.model
+        cut = m.boundary if m.prefix is not None else 0
+        for w, ex, a, (total, prefix) in zip(where, firsts, above, secs):
+            new = sum(f for k, f in ex.items() if k not in self.cached[w])
+            self.rates["prefix"].add(prefix, cut * new)
+            self.rates[kind].add(total - prefix, a)
+            self.cached[w].update(ex)
+
+    def _scatter(self, where: list[int], items: list, message) -> tuple[list, list]:
+        """Send worker w its items (message(items)); return the replies' items and their timings,
+        in input order."""
         if not self.conns:
             self._start()
         for w, conn in enumerate(self.conns):
@@ -98,19 +172,43 @@ class ProcessExecutor:
         for w, (ok, res) in replies.items():
             if not ok:
                 raise RuntimeError(f"worker {w} failed:\n{res}")
-        return [replies[w][1].pop(0) for w in where]
+        out, secs = [], []
+        for w in where:
+            out.append(replies[w][1][0].pop(0))
+            secs.append(replies[w][1][1].pop(0))
+        return out, secs
 
     def run(self, rnd: int, jobs: list[tuple]) -> list[JobOutput | None]:
-        where = self._assign([plan.device for plan, _, _ in jobs])
-        return self._scatter(where, jobs, lambda mine: ("train", rnd, mine))
+        sim, m = self.sim, self.sim.model
+        cfg, w = sim.cfg, sim.work
+        cut = m.boundary if m.prefix is not None else 0
+        firsts, above = [], []
+        for plan, _, k in jobs:
+            picks = job_picks(w.parts[plan.device], plan, seed=cfg.run.seed, rnd=rnd, call=k,
+                              batch_size=cfg.train.batch_size)
+            per = self._layer_flops({int(i) for p in picks for i in p})
+            firsts.append(per)
+            depth = (m.num_layers - cut) + cfg.fleet.backward_ratio * len(plan.train_layers)
+            above.append(depth * sum(per[int(i)] for p in picks for i in p))
+        home = [self.home.get(plan.device, plan.device % self.workers) for plan, _, _ in jobs]
+        where = place(self._costs(firsts, above, "train"), home)
+        out, secs = self._scatter(where, jobs, lambda mine: ("train", rnd, mine))
+        self._learn(where, firsts, above, "train", secs)
+        self.home.update((plan.device, at) for (plan, _, _), at in zip(jobs, where))
+        return out
 
     def evaluate(self, payload, ranks: dict[int, int], batches: list) -> tuple[float, float]:
-        """Evaluation split by batches, summed in batch order: the same numbers as evaluating here.
-        Batch i always goes to the same worker (its examples are cached there), dealt 0,1,..,n-1,
-        n-1,..,0, 0,1,..: batches come sorted by length, so each worker gets a fair share of tokens."""
-        n = self.workers
-        where = [i % n if (i // n) % 2 == 0 else n - 1 - i % n for i in range(len(batches))]
-        return combine_scores(self._scatter(where, batches, lambda mine: ("eval", payload, ranks, mine)))
+        """Evaluation split by batches (placed as jobs are, so a batch stays where its examples
+        are cached), summed in batch order: the same numbers as evaluating here."""
+        m, n = self.sim.model, self.workers
+        cut = m.boundary if m.prefix is not None else 0
+        firsts = [self._layer_flops(b["index"].tolist()) if "index" in b else {} for b in batches]
+        above = [(m.num_layers - cut) * sum(f.values()) for f in firsts]
+        home = [i % n if (i // n) % 2 == 0 else n - 1 - i % n for i in range(len(batches))]
+        where = place(self._costs(firsts, above, "eval"), home)
+        scores, secs = self._scatter(where, batches, lambda mine: ("eval", payload, ranks, mine))
+        self._learn(where, firsts, above, "eval", secs)
+        return combine_scores(scores)
 
     def close(self) -> None:
         self._finalizer()

@@ -33,6 +33,12 @@ def sample_batches(positions: np.ndarray, steps: int, batch_size: int, seed: tup
     return [order[i * b:(i + 1) * b] for i in range(steps)]
 
 
+def job_picks(positions: np.ndarray, plan: DevicePlan, *, seed: int, rnd: int, call: int,
+              batch_size: int) -> list[np.ndarray]:
+    """The batches (example positions) a device's job trains on."""
+    return sample_batches(positions, plan.steps, batch_size, (seed, 4004, rnd, plan.device, call))
+
+
 def torch_seed(seed: tuple[int, ...]) -> int:
     return int(np.random.SeedSequence(list(seed)).generate_state(1)[0])
 
@@ -119,7 +125,7 @@ def run_job(model: LocalModel, data: DeviceData, payload: State, plan: DevicePla
     Batches and the dropout seed derive from (seed, round, device, call), so the result does not
     depend on where or in which order devices run.
     """
-    picks = sample_batches(data.positions, plan.steps, batch_size, (seed, 4004, rnd, plan.device, call))
+    picks = job_picks(data.positions, plan, seed=seed, rnd=rnd, call=call, batch_size=batch_size)
     batches = make_batches(data.ids, data.labels, picks, data.pad_id)
     flops = sum(step_flops(model.cost, [len(data.ids[i]) for i in p], model.num_layers, len(plan.train_layers),
                            backward_ratio) for p in picks)
