@@ -29,7 +29,9 @@ time; the global round ends when the last group reports, SPEC §3):
    it still applies the frozen group-model LoRA of the lower layers, so the plan gives every layer
    the global rank. From the second intra-group round on, devices already hold the frozen layers
    and download only the trained ones. The group aggregator takes the data-weighted FedAvg of the
-   trained layers and the head; lower layers stay as the global model had them.
+   trained layers and the head; lower layers stay as the global model had them. Intra-group round
+   s of every group goes to the devices as one batch of jobs (the groups do not depend on each
+   other within a round), so the simulator's workers can share out all groups' jobs at once.
 3. *Links* (SPEC §3). With `fleet.aggregator = "edge"` devices talk to an edge aggregator over the
    LAN, and the aggregator exchanges the group model with the PS over its own WAN link
    (`fleet.EDGE_AGGREGATOR`): the whole model down at the start of the round, the trained layers
@@ -224,29 +226,47 @@ class Strategy:
             a = min(range(len(self.arms)), key=lambda j: (costs[j][0], j))
         return a, costs[a][0], ok[a]
 
-    def _group_round(self, state: State, members: list[int], depth: int, tau: int,
-                     ctx: RoundContext) -> tuple[State, list[TrainResult], float]:
-        """τ intra-group rounds of FedAvg at the group aggregator; (group model, results, seconds)."""
-        layers = tuple(range(self.L - depth, self.L))
+    def _group_rounds(self, state: State, runs: list[tuple[int, list[int], int, int]],
+                      ctx: RoundContext) -> dict[int, tuple[State, list[TrainResult], float]]:
+        """τ_k intra-group rounds of FedAvg at each group's aggregator, for every (k, members,
+        depth, τ) in `runs`; {k: (group model, results, seconds)}. The groups are independent, so
+        intra-group round s of every group still training goes to the devices as one batch of
+        jobs (the simulator's workers share it out), and each group then aggregates its own."""
         bpp = self.setup.bytes_per_param
-        seconds = 0.0
-        if self.edge:  # PS -> edge aggregator: the whole global model
-            seconds += ctx.transfer(0, num_bytes(state, bpp), "wan", EDGE_AGGREGATOR)
-        gstate, results = state, []
-        for s in range(tau):
-            plans = [DevicePlan(i, self.ranks, layers, self.setup.local_steps, self.link, "all" if s == 0 else "trained")
-                     for i in members]
-            res = ctx.train([Job(p, gstate) for p in plans])
-            if not res:  # every member dropped out of this round
+        out: dict[int, list] = {}
+        for k, _, _, _ in runs:
+            seconds = ctx.transfer(0, num_bytes(state, bpp), "wan", EDGE_AGGREGATOR) if self.edge else 0.0
+            out[k] = [state, [], seconds]  # PS -> edge aggregator: the whole global model
+        live = {k for k, _, _, _ in runs}
+        for s in range(max((tau for _, _, _, tau in runs), default=0)):
+            jobs, group_of = [], {}
+            for k, members, depth, tau in runs:
+                if k in live and s < tau:
+                    layers = tuple(range(self.L - depth, self.L))
+                    for i in members:
+                        plan = DevicePlan(i, self.ranks, layers, self.setup.local_steps, self.link,
+                                          "all" if s == 0 else "trained")
+                        jobs.append(Job(plan, out[k][0]))
+                        group_of[i] = k
+            if not jobs:
                 break
-            seconds += float(max(r.time_s for r in res))
-            # x ← Σ_i n_i x_i / Σ_i n_i over the trained layers + head; lower layers keep the global value
-            gstate = slot_average(gstate, [r.update for r in res], [r.num_examples for r in res])
-            results += res
-        if self.edge and results:  # edge aggregator -> PS: trained layers + head
-            sent = [key for key in gstate if layer_of(key) is None or layer_of(key) in layers]
-            seconds += ctx.transfer(num_bytes(gstate, bpp, sent), 0, "wan", EDGE_AGGREGATOR)
-        return gstate, results, float(seconds)
+            res = ctx.train(jobs)
+            for k in sorted(set(group_of.values())):
+                mine = [r for r in res if group_of[r.device] == k]
+                if not mine:  # every member dropped out of this round
+                    live.discard(k)
+                    continue
+                out[k][2] += float(max(r.time_s for r in mine))
+                # x <- sum_i n_i x_i / sum_i n_i over the trained layers + head; lower layers keep the global value
+                out[k][0] = slot_average(out[k][0], [r.update for r in mine], [r.num_examples for r in mine])
+                out[k][1] += mine
+        for k, _, depth, _ in runs:
+            gstate, results, _ = out[k]
+            if self.edge and results:  # edge aggregator -> PS: trained layers + head
+                layers = set(range(self.L - depth, self.L))
+                sent = [key for key in gstate if layer_of(key) is None or layer_of(key) in layers]
+                out[k][2] += ctx.transfer(num_bytes(gstate, bpp, sent), 0, "wan", EDGE_AGGREGATOR)
+        return {k: (g, r, float(sec)) for k, (g, r, sec) in out.items()}
 
     def run_round(self, rnd: int, state: State, ctx: RoundContext) -> tuple[State, RoundReport]:
         avail = set(ctx.available)
@@ -257,21 +277,27 @@ class Strategy:
             fleet_budget = self.s.budget_factor * fedlora_round_s(self.setup, sorted(avail), ctx.profiles)
         else:
             fleet_budget = None
-        updates, weights, all_results, times, info = [], [], [], [], []
+        info, runs, chosen = [], [], {}
         for k, group in enumerate(self.groups):
             members = [i for i in group if i in avail]
             row: dict[str, Any] = {"group": k, "depth": None, "tau": None, "time_s": 0.0, "reward": None,
                                    "participants": 0}
+            info.append(row)
             if not members:
-                info.append(row)
                 continue
             budget = fleet_budget if fleet_budget is not None else \
                 self.s.budget_factor * fedlora_round_s(self.setup, members, ctx.profiles)
             arm, predicted, eligible = self._choose(k, members, ctx, budget)
             depth, tau = self.arms[arm]
-            gstate, results, seconds = self._group_round(state, members, depth, tau, ctx)
-            row.update({"depth": depth, "tau": tau, "time_s": seconds, "predicted_s": predicted, "budget_s": budget,
-                        "eligible": eligible})
+            runs.append((k, members, depth, tau))
+            chosen[k] = arm
+            row.update({"depth": depth, "tau": tau, "predicted_s": predicted, "budget_s": budget, "eligible": eligible})
+        done = self._group_rounds(state, runs, ctx)
+        updates, weights, all_results, times = [], [], [], []
+        for k, _, depth, _ in runs:
+            gstate, results, seconds = done[k]
+            row = info[k]
+            row["time_s"] = seconds
             times.append(seconds)
             if results:
                 layers = set(range(self.L - depth, self.L))
@@ -283,9 +309,8 @@ class Strategy:
                 row.update({"val_loss": after[0], "val_acc": after[1], "participants": len(sizes)})
                 if seconds > 0:
                     r = float(reward_of(before, after, seconds, self.s.reward))
-                    self.bandits[k].update(arm, r)
+                    self.bandits[k].update(chosen[k], r)
                     row["reward"] = r
-            info.append(row)
         extra = {"val_loss_start": before[0], "groups": info}
         if not updates:  # nobody reported: the model stays, the round still took the waiting time
             return state, RoundReport(max(times, default=0.0), float("nan"), [], extra)
