@@ -135,6 +135,12 @@ class ProcessExecutor:
             self.procs.append(p)
 
     # -- what a piece of work costs ---------------------------------------------------------
+    @property
+    def _cut(self) -> int:
+        """Layers below the prefix cache (0 without one)."""
+        m = self.sim.model
+        return m.boundary if m.prefix is not None else 0
+
     def _layer_flops(self, keys) -> dict[int, float]:
         """Forward FLOPs of one layer for each distinct example."""
         ids, cost = self.sim.work.ids, self.sim.model.cost
@@ -143,16 +149,13 @@ class ProcessExecutor:
     def _costs(self, firsts: list[dict[int, float]], above: list[float], kind: str) -> list[list[float]]:
         """Estimated seconds of each item on each worker: `above` (its work above the cache) plus
         the first pass of its examples (`firsts`: one layer's FLOPs per example) where not cached."""
-        m = self.sim.model
-        cut = m.boundary if m.prefix is not None else 0
-        rate, first = self.rates[kind], self.rates["prefix"]
+        rate, first, cut = self.rates[kind], self.rates["prefix"], self._cut
         return [[rate(a) + first(cut * sum(f for k, f in ex.items() if k not in self.cached[w]))
                  for w in range(self.workers)] for ex, a in zip(firsts, above)]
 
     def _learn(self, where, firsts, above, kind, secs) -> None:
         """Book what the workers measured and which examples they now hold."""
-        m = self.sim.model
-        cut = m.boundary if m.prefix is not None else 0
+        cut = self._cut
         for w, ex, a, (total, prefix) in zip(where, firsts, above, secs):
             new = sum(f for k, f in ex.items() if k not in self.cached[w])
             self.rates["prefix"].add(prefix, cut * new)
@@ -179,16 +182,14 @@ class ProcessExecutor:
         return out, secs
 
     def run(self, rnd: int, jobs: list[tuple]) -> list[JobOutput | None]:
-        sim, m = self.sim, self.sim.model
-        cfg, w = sim.cfg, sim.work
-        cut = m.boundary if m.prefix is not None else 0
+        cfg, w, above_cut = self.sim.cfg, self.sim.work, self.sim.model.num_layers - self._cut
         firsts, above = [], []
         for plan, _, k in jobs:
             picks = job_picks(w.parts[plan.device], plan, seed=cfg.run.seed, rnd=rnd, call=k,
                               batch_size=cfg.train.batch_size)
             per = self._layer_flops({int(i) for p in picks for i in p})
             firsts.append(per)
-            depth = (m.num_layers - cut) + cfg.fleet.backward_ratio * len(plan.train_layers)
+            depth = above_cut + cfg.fleet.backward_ratio * len(plan.train_layers)
             above.append(depth * sum(per[int(i)] for p in picks for i in p))
         home = [self.home.get(plan.device, plan.device % self.workers) for plan, _, _ in jobs]
         where = place(self._costs(firsts, above, "train"), home)
@@ -200,10 +201,9 @@ class ProcessExecutor:
     def evaluate(self, payload, ranks: dict[int, int], batches: list) -> tuple[float, float]:
         """Evaluation split by batches (placed as jobs are, so a batch stays where its examples
         are cached), summed in batch order: the same numbers as evaluating here."""
-        m, n = self.sim.model, self.workers
-        cut = m.boundary if m.prefix is not None else 0
+        n, above_cut = self.workers, self.sim.model.num_layers - self._cut
         firsts = [self._layer_flops(b["index"].tolist()) if "index" in b else {} for b in batches]
-        above = [(m.num_layers - cut) * sum(f.values()) for f in firsts]
+        above = [above_cut * sum(f.values()) for f in firsts]
         home = [i % n if (i // n) % 2 == 0 else n - 1 - i % n for i in range(len(batches))]
         where = place(self._costs(firsts, above, "eval"), home)
         scores, secs = self._scatter(where, batches, lambda mine: ("eval", payload, ranks, mine))
