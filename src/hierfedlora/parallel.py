@@ -24,6 +24,7 @@ import weakref
 
 import torch
 
+from hierfedlora.clock import step_flops
 from hierfedlora.trainer import JobOutput, batch_scores, combine_scores, job_picks
 
 
@@ -182,15 +183,15 @@ class ProcessExecutor:
         return out, secs
 
     def run(self, rnd: int, jobs: list[tuple]) -> list[JobOutput | None]:
-        cfg, w, above_cut = self.sim.cfg, self.sim.work, self.sim.model.num_layers - self._cut
+        cfg, w, m = self.sim.cfg, self.sim.work, self.sim.model
         firsts, above = [], []
         for plan, _, k in jobs:
             picks = job_picks(w.parts[plan.device], plan, seed=cfg.run.seed, rnd=rnd, call=k,
                               batch_size=cfg.train.batch_size)
-            per = self._layer_flops({int(i) for p in picks for i in p})
-            firsts.append(per)
-            depth = above_cut + cfg.fleet.backward_ratio * len(plan.train_layers)
-            above.append(depth * sum(per[int(i)] for p in picks for i in p))
+            firsts.append(self._layer_flops({int(i) for p in picks for i in p}))
+            # the steps' FLOPs as the clock counts them, less the layers below the cache
+            above.append(sum(step_flops(m.cost, [len(w.ids[i]) for i in p], m.num_layers - self._cut,
+                                        len(plan.train_layers), cfg.fleet.backward_ratio) for p in picks))
         home = [self.home.get(plan.device, plan.device % self.workers) for plan, _, _ in jobs]
         where = place(self._costs(firsts, above, "train"), home)
         out, secs = self._scatter(where, jobs, lambda mine: ("train", rnd, mine))
