@@ -16,6 +16,8 @@ more new examples than others) still end together.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import multiprocessing
 import pickle
 import time
@@ -28,8 +30,25 @@ from hierfedlora.clock import step_flops
 from hierfedlora.trainer import JobOutput, batch_scores, combine_scores, job_picks
 
 
+def _keep_heap() -> None:
+    """Ask glibc's malloc to keep freed memory (up to 256 MiB) instead of handing it back to the
+    system. By default it returns the top of the heap and gives tensors above a moving threshold
+    their own mapping, so a layer's ~10 MB activations arrive as fresh pages that the kernel zeroes
+    on first touch: measured on MiniLM (one core), the first pass of 64 examples through 4 layers
+    takes 335 ms by default and 310-315 ms with this (GELU's output alone: 6.8 -> 2.5 ms), a cached
+    W2 step 61 -> 60 ms. No effect on any value; a no-op where malloc is not glibc's."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: keep up to 256 MiB of free heap
+    mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks below 32 MiB come from the heap (fixed, not moving)
+
+
 def _serve(sim, conn, cache_mb: float) -> None:
     torch.set_num_threads(1)
+    _keep_heap()
     if sim.model.prefix is not None:
         sim.model.prefix.fork(cache_mb)  # its own cache: the parent's memory-mapped file is not ours
     from hierfedlora.engine import LocalExecutor
