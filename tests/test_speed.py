@@ -247,3 +247,35 @@ def test_place_keeps_items_home_unless_a_move_shortens_the_longest_worker():
     where = place([[2, 2, 2]] * 6, [0] * 6)
     assert sorted(where.count(w) for w in range(3)) == [2, 2, 2]
     assert place([], []) == [] and place([[1.0]], [0]) == [0]
+
+
+def test_lend_moves_first_passes_from_the_longest_worker_while_that_shortens_it():
+    from hierfedlora.parallel import lend
+
+    # 10 s against 4: move 1 s passes from worker 0, latest needed first, until 7 | 7
+    due = [[(7, 1.0), (8, 1.0), (9, 1.0), (10, 1.0)], []]
+    assert lend([10.0, 4.0], due) == [(7, 0, 1), (8, 0, 1), (9, 0, 1)]
+    # a pass bigger than half the gap would only swap which worker is longest: none moves
+    assert lend([10.0, 8.0], [[(1, 1.5)], []]) == []
+    # a gap below min_gap is left alone; nothing due, nothing moves
+    assert lend([1.0, 0.99], [[(1, 0.001)], []]) == [] and lend([5.0, 0.0], [[], []]) == []
+    # three workers: the longest gives to whichever is shortest at each move
+    assert lend([6.0, 0.0, 1.0], [[(1, 1.0), (2, 1.0), (3, 1.0)], [], []]) == [(1, 0, 1), (2, 0, 1), (3, 0, 2)]
+
+
+def test_first_passes_computed_by_another_worker_give_the_same_run(tiny_cfg, monkeypatch):
+    from hierfedlora import parallel
+
+    # every job on worker 0: worker 1 has nothing to train, so it passes worker 0's new examples
+    # through the frozen layers and they are sent over; the run must not change by a bit
+    monkeypatch.setattr(parallel, "place", lambda costs, home: [0] * len(costs))
+    monkeypatch.setattr(parallel.ProcessExecutor, "MIN_GAP", 0.0)  # the tiny model's gaps are microseconds
+    topk = {"method.name": "fedlora_topk", "method.depth": 2, "run.rounds": 2, "fleet.num_devices": 5, "train.threads": 1}
+    here = Simulation(tiny_cfg(**topk))
+    pool = Simulation(tiny_cfg(**topk, **{"train.workers": 2}))
+    assert here.run() == pool.run()
+    assert all(torch.equal(here.state[k], pool.state[k]) for k in here.state)
+    ex = pool.executor
+    assert ex.lent > 0
+    assert ex.rates["prefix"].flops > 5e7  # the helper's time was booked
+    ex.close()

@@ -23,6 +23,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -361,10 +362,12 @@ class LocalModel:
             mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
             self._compute_prefix(torch.nn.utils.rnn.pad_sequence(ids, batch_first=True), mask, keys)
 
-    def _compute_prefix(self, input_ids: torch.Tensor, mask: torch.Tensor, keys: list[int]) -> None:
-        """Layers 0..boundary-1 (in eval mode: frozen layers never drop) for these examples, cached,
-        PREFIX_CHUNK at a time. Pad positions of `input_ids` are never read."""
+    def _compute_prefix(self, input_ids: torch.Tensor, mask: torch.Tensor, keys: list[int], put=None) -> None:
+        """Layers 0..boundary-1 (in eval mode: frozen layers never drop) for these examples,
+        PREFIX_CHUNK at a time, handed to `put(key, rows)` (default: into the cache). Pad positions
+        of `input_ids` are never read."""
         start = time.perf_counter()
+        put = put or self.prefix.put
         for i in range(0, len(keys), self.PREFIX_CHUNK):
             m = mask[i:i + self.PREFIX_CHUNK]
             width = int(m.sum(1).max())
@@ -373,8 +376,23 @@ class LocalModel:
             h = self.packed.layers_forward(h, sp, 0, self.boundary).cpu().numpy()
             for (n, a, b, members) in sp.groups:
                 for j, e in enumerate(members.tolist()):
-                    self.prefix.put(keys[i + e], h[a + j * n:a + (j + 1) * n])
+                    put(keys[i + e], h[a + j * n:a + (j + 1) * n])
         self.prefix_seconds += time.perf_counter() - start
+
+    @torch.no_grad()
+    def prefix_rows(self, ids: list[np.ndarray]) -> list[np.ndarray]:
+        """What the cache would hold for these examples (token ids, unpadded), computed but not
+        cached: a worker process computes them for examples another worker needs (`parallel`)."""
+        if not ids:
+            return []
+        self.eval_mode()  # the frozen layers as a job or an evaluation runs them: no dropout
+        t = [torch.as_tensor(np.asarray(x, dtype=np.int64)) for x in ids]
+        lengths = torch.tensor([len(x) for x in t])
+        mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
+        out: dict[int, np.ndarray] = {}
+        self._compute_prefix(torch.nn.utils.rnn.pad_sequence(t, batch_first=True), mask, list(range(len(t))),
+                             lambda k, rows: out.__setitem__(k, rows.copy()))
+        return [out[i] for i in range(len(t))]
 
     @torch.no_grad()
     def _prefix(self, batch: dict[str, torch.Tensor], pack: packed.Pack) -> torch.Tensor:

@@ -11,7 +11,10 @@ Jobs are placed by estimated cost (`place`): a job costs its training steps plus
 its examples that the worker has not cached yet, each at the seconds per FLOP the workers have
 measured so far. A device's job goes where its last one ran (its examples are cached there) unless
 moving it shortens the round, so uneven jobs (HierFedLoRA's depths and frequencies, devices with
-more new examples than others) still end together.
+more new examples than others) still end together. What placement cannot even out (a job is the
+unit it moves) is evened out by `lend`: the less loaded worker first passes some of the other's
+new examples through the frozen layers and the parent forwards the rows, which the other caches
+before the job that needs them (the same numbers: an example's rows do not depend on its batch).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import multiprocessing
+import multiprocessing.connection
 import pickle
+import threading
 import time
 import traceback
 import weakref
@@ -59,8 +64,13 @@ def _serve(sim, conn, cache_mb: float) -> None:
         if msg is None:
             return
         try:
-            if msg[0] == "train":  # ("train", rnd, jobs)
-                reply = (True, _timed(sim.model, msg[2], lambda job: local.run(msg[1], [job])[0]))
+            if msg[0] == "train":  # ("train", rnd, jobs, needs, helps)
+                _, rnd, jobs, needs, helps = msg
+                for target, keys, boundary in helps:  # first: another worker waits for these
+                    conn.send_bytes(pickle.dumps(_help(sim.model, sim.work.ids, target, keys, boundary)))
+                got: set[int] = set()
+                reply = (True, _timed(sim.model, jobs, lambda job: local.run(rnd, [job])[0],
+                                      lambda i: _receive(conn, sim.model.prefix, needs[i], got)))
             else:  # ("eval", payload, ranks, batches)
                 sim.model.load(msg[1], msg[2], ())
                 reply = (True, _timed(sim.model, msg[3], lambda b: batch_scores(sim.model, [b])[0]))
@@ -69,10 +79,34 @@ def _serve(sim, conn, cache_mb: float) -> None:
         conn.send_bytes(pickle.dumps(reply))
 
 
-def _timed(model, items: list, work) -> tuple[list, list[tuple[float, float]]]:
-    """work(item) for each item, with (seconds, of which filling the prefix cache) for each."""
+def _help(model, ids, target: int, keys: list[int], boundary: int) -> tuple:
+    """("export", target, keys, rows or None, seconds): what `target`'s cache should hold for `keys`
+    (None if this worker's cache no longer has that boundary: the target then computes them)."""
+    t = time.perf_counter()
+    ok = model.prefix is not None and model.boundary == boundary
+    rows = model.prefix_rows([ids[k] for k in keys]) if ok else None
+    return ("export", target, keys, rows, time.perf_counter() - t)
+
+
+def _receive(conn, cache, keys: list[int], got: set[int]) -> None:
+    """Before a job: wait until the first passes of `keys`, computed by another worker and
+    forwarded by the parent as ("import", keys, rows), have arrived (and are cached)."""
+    while not got.issuperset(keys):
+        _, sent, rows = pickle.loads(conn.recv_bytes())
+        got.update(sent)
+        if rows is not None and cache is not None:
+            for k, r in zip(sent, rows):
+                if k not in cache:
+                    cache.put(k, r)
+
+
+def _timed(model, items: list, work, before=None) -> tuple[list, list[tuple[float, float]]]:
+    """work(item) for each item, with (seconds, of which filling the prefix cache) for each;
+    `before(i)` runs first, untimed."""
     out, secs = [], []
-    for item in items:
+    for i, item in enumerate(items):
+        if before is not None:
+            before(i)
         t, p = time.perf_counter(), model.prefix_seconds
         out.append(work(item))
         secs.append((time.perf_counter() - t, model.prefix_seconds - p))
@@ -102,6 +136,28 @@ def place(costs: list[list[float]], home: list[int]) -> list[int]:
         load[w] += costs[i][w]
         where[i] = w
     return where
+
+
+def lend(load: list[float], due: list[list[tuple[int, float]]], min_gap: float = 0.05) -> list[tuple[int, int, int]]:
+    """Balance what `place` could not: a job cannot be split, but the first pass of one of its new
+    examples can run on another worker and be sent over. `load[w]`: estimated seconds of worker w;
+    `due[w]`: (example, seconds) of the first passes w is due to compute, latest needed first.
+    Returns moves (example, from, to): from the longest worker to the shortest, while a move
+    leaves the shortest no longer than the longest and the gap is at least `min_gap`."""
+    load, nxt, moves = list(load), [0] * len(load), []
+    while len(load) > 1:
+        top = max(range(len(load)), key=load.__getitem__)
+        low = min(range(len(load)), key=load.__getitem__)
+        if nxt[top] >= len(due[top]) or load[top] - load[low] < min_gap:
+            break
+        key, c = due[top][nxt[top]]
+        if load[low] + c > load[top] - c:
+            break
+        nxt[top] += 1
+        load[top] -= c
+        load[low] += c
+        moves.append((key, top, low))
+    return moves
 
 
 class _Rate:
@@ -135,12 +191,16 @@ def _stop(conns, procs) -> None:
 class ProcessExecutor:
     """Runs a round's jobs on `workers` forked processes (Linux/macOS, CPU only)."""
 
+    MIN_GAP = 0.05  # seconds: smaller imbalances are not worth a message
+
     def __init__(self, sim, workers: int):
         self.sim, self.workers = sim, workers
         self.conns, self.procs = [], []
         self.cached: list[set[int]] = [set() for _ in range(workers)]  # examples each worker has cached
         self.home: dict[int, int] = {}  # device -> the worker its last job ran on
         self.rates = {"prefix": _Rate(), "train": _Rate(), "eval": _Rate()}
+        self._locks = [threading.Lock() for _ in range(workers)]
+        self.lent = 0  # examples one worker passed through the frozen layers for another
         self._finalizer = weakref.finalize(self, _stop, self.conns, self.procs)
 
     def _start(self) -> None:
@@ -182,24 +242,84 @@ class ProcessExecutor:
             self.rates[kind].add(total - prefix, a)
             self.cached[w].update(ex)
 
-    def _scatter(self, where: list[int], items: list, message) -> tuple[list, list]:
-        """Send worker w its items (message(items)); return the replies' items and their timings,
-        in input order."""
+    def _due(self, where: list[int], firsts: list[dict[int, float]]) -> list[list[tuple[int, int]]]:
+        """Per worker, (example, first job needing it) for the examples its jobs will have to
+        pass through the frozen layers, latest needed first."""
+        due: list[list[tuple[int, int]]] = []
+        for w in range(self.workers):
+            first: dict[int, int] = {}
+            for i, at in enumerate(where):
+                if at == w:
+                    for k in firsts[i]:
+                        if k not in self.cached[w] and k not in first:
+                            first[k] = i
+            due.append(sorted(first.items(), key=lambda kv: (-kv[1], kv[0])))
+        return due
+
+    def _lend(self, where: list[int], firsts: list[dict[int, float]], costs: list[list[float]]):
+        """Which first passes to run on another worker (see `lend`): ([(helper, target, keys)],
+        for each job the examples it must receive before it starts)."""
+        needs: list[list[int]] = [[] for _ in where]
+        if self._cut == 0 or self.workers < 2:
+            return [], needs
+        load = [0.0] * self.workers
+        for i, w in enumerate(where):
+            load[w] += costs[i][w]
+        due = self._due(where, firsts)
+        first_pass = self.rates["prefix"]
+        moves = lend(load, [[(k, first_pass(self._cut * firsts[i][k])) for k, i in d] for d in due], self.MIN_GAP)
+        job_of = {(w, k): i for w, d in enumerate(due) for k, i in d}
+        helps: dict[tuple[int, int], list[int]] = {}
+        for k, target, helper in moves:
+            helps.setdefault((helper, target), []).append(k)
+            needs[job_of[target, k]].append(k)
+        return [(h, t, keys) for (h, t), keys in helps.items()], needs
+
+    def _scatter(self, where: list[int], items: list, message, helps=()) -> tuple[list, list, list]:
+        """Send worker w one message (message(w, indices of its items, its helps)) and collect the
+        replies' items and timings, in input order, and (seconds, keys) of each help (`helps`:
+        (helper, target, keys)), whose first passes are forwarded to their target as they come.
+        One message per worker and forwarding from threads: the parent never blocks on a send to
+        a worker that is busy or sending to it."""
         if not self.conns:
             self._start()
+        owed = [0] * self.workers  # messages still to come from each worker
         for w, conn in enumerate(self.conns):
-            mine = [x for x, at in zip(items, where) if at == w]
-            if mine:
-                conn.send_bytes(pickle.dumps(message(mine)))
-        replies = {w: pickle.loads(conn.recv_bytes()) for w, conn in enumerate(self.conns) if w in where}
-        for w, (ok, res) in replies.items():
-            if not ok:
-                raise RuntimeError(f"worker {w} failed:\n{res}")
+            idx = [i for i, at in enumerate(where) if at == w]
+            mine = [(t, keys, self._cut) for h, t, keys in helps if h == w]
+            if idx or mine:
+                conn.send_bytes(pickle.dumps(message(w, idx, mine)))
+                owed[w] += 1 + len(mine)
+        replies, helped, forwards = {}, [], []
+        try:
+            while any(owed):
+                for conn in multiprocessing.connection.wait([c for c, n in zip(self.conns, owed) if n]):
+                    w = self.conns.index(conn)
+                    msg = pickle.loads(conn.recv_bytes())
+                    owed[w] -= 1
+                    if msg[0] == "export":  # first passes for another worker: pass them on
+                        _, target, keys, rows, seconds = msg
+                        t = threading.Thread(target=self._send, args=(target, ("import", keys, rows)), daemon=True)
+                        t.start()
+                        forwards.append(t)
+                        if rows is not None:
+                            helped.append((seconds, keys))
+                    elif not msg[0]:
+                        raise RuntimeError(f"worker {w} failed:\n{msg[1]}")
+                    else:
+                        replies[w] = msg[1]
+        finally:
+            for t in forwards:
+                t.join(timeout=60)
         out, secs = [], []
         for w in where:
-            out.append(replies[w][1][0].pop(0))
-            secs.append(replies[w][1][1].pop(0))
-        return out, secs
+            out.append(replies[w][0].pop(0))
+            secs.append(replies[w][1].pop(0))
+        return out, secs, helped
+
+    def _send(self, w: int, msg) -> None:
+        with self._locks[w]:
+            self.conns[w].send_bytes(pickle.dumps(msg))
 
     def run(self, rnd: int, jobs: list[tuple]) -> list[JobOutput | None]:
         cfg, w, m = self.sim.cfg, self.sim.work, self.sim.model
@@ -212,8 +332,17 @@ class ProcessExecutor:
             above.append(sum(step_flops(m.cost, [len(w.ids[i]) for i in p], m.num_layers - self._cut,
                                         len(plan.train_layers), cfg.fleet.backward_ratio) for p in picks))
         home = [self.home.get(plan.device, plan.device % self.workers) for plan, _, _ in jobs]
-        where = place(self._costs(firsts, above, "train"), home)
-        out, secs = self._scatter(where, jobs, lambda mine: ("train", rnd, mine))
+        costs = self._costs(firsts, above, "train")
+        where = place(costs, home)
+        helps, needs = self._lend(where, firsts, costs)
+        out, secs, helped = self._scatter(where, jobs, lambda at, idx, mine: (
+            "train", rnd, [jobs[i] for i in idx], [needs[i] for i in idx], mine), helps)
+        layer = {k: f for ex in firsts for k, f in ex.items()}
+        for seconds, keys in helped:
+            self.rates["prefix"].add(seconds, self._cut * sum(layer[k] for k in keys))
+        self.lent += sum(len(keys) for _, keys in helped)
+        for (_, target, keys) in helps:  # received, not computed there
+            self.cached[target].update(keys)
         self._learn(where, firsts, above, "train", secs)
         self.home.update((plan.device, at) for (plan, _, _), at in zip(jobs, where))
         return out
@@ -226,7 +355,8 @@ class ProcessExecutor:
         above = [above_cut * sum(f.values()) for f in firsts]
         home = [i % n if (i // n) % 2 == 0 else n - 1 - i % n for i in range(len(batches))]
         where = place(self._costs(firsts, above, "eval"), home)
-        scores, secs = self._scatter(where, batches, lambda mine: ("eval", payload, ranks, mine))
+        scores, secs, _ = self._scatter(where, batches,
+                                        lambda at, idx, _: ("eval", payload, ranks, [batches[i] for i in idx]))
         self._learn(where, firsts, above, "eval", secs)
         return combine_scores(scores)
 
