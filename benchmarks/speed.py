@@ -18,6 +18,7 @@ token lengths as the simulated clock counts them) over this machine's measured d
     python benchmarks/speed.py --threads 1 --workers 1   # one core each: the work saved, without parallelism
     py-spy record --subprocesses --format raw -r 50 -o w2.txt -- python benchmarks/speed.py --engine-only --workloads W2
     python benchmarks/profile_summary.py w2.txt          # where the engine's time goes
+    python benchmarks/speed.py --engine-only --workloads W2 --timeline   # when each worker was busy
 """
 
 from __future__ import annotations
@@ -214,6 +215,29 @@ def run_workload(name: str, method: dict, args) -> dict:
     return {"speedup": t_ref / t_eng, "same": same, "job_s": timed.seconds, "job_flops": timed.flops}
 
 
+def trace_workers() -> None:
+    """Have each worker process print when it ran each batch of work (seconds from now), how much
+    of it was first passes through the frozen layers, and the first passes it ran for another
+    worker. Call before the first round: the workers are forked then, with these wrappers."""
+    from hierfedlora import parallel
+
+    t0, timed, lend = time.time(), parallel._timed, parallel._help
+
+    def traced(model, items, work, before=None):
+        start = time.time()
+        out = timed(model, items, work, before)
+        print(f"    worker {os.getpid()}: {start - t0:6.2f} -{time.time() - t0:6.2f} s  {len(items):2d} items, first passes "
+              f"{sum(p for _, p in out[1]):.2f} s", flush=True)
+        return out
+
+    def helped(model, ids, target, keys, boundary):
+        out = lend(model, ids, target, keys, boundary)
+        print(f"    worker {os.getpid()}: {len(keys)} first passes for worker {target} in {out[-1]:.2f} s", flush=True)
+        return out
+
+    parallel._timed, parallel._help = traced, helped
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="4 devices, 4 local steps, 256 test examples")
@@ -222,7 +246,10 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=0, help="the engine's train.workers (default 0: one process per core)")
     ap.add_argument("--engine-only", action="store_true",
                     help="run only the engine's rounds (no reference, no comparison): what to profile, see docs/benchmarks.md")
+    ap.add_argument("--timeline", action="store_true", help="each worker prints when it was busy with what")
     args = ap.parse_args()
+    if args.timeline:
+        trace_workers()
     if args.threads:
         torch.set_num_threads(args.threads)
     peak = matmul_peak()

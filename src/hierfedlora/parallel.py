@@ -63,6 +63,8 @@ def _serve(sim, conn, cache_mb: float) -> None:
         msg = pickle.loads(conn.recv_bytes())
         if msg is None:
             return
+        if msg[0] == "import":  # rows for a job that failed before it could take them: drop
+            continue
         try:
             if msg[0] == "train":  # ("train", rnd, jobs, needs, helps)
                 _, rnd, jobs, needs, helps = msg
