@@ -81,20 +81,22 @@ class Pack:
         the blocks' offsets (last: total size)."""
         key = (heads, first_only)
         if key not in self._runs:
-            W, src, length, dst, offsets = self.width, [], [], [], [0]
-            for bk in self.buckets:
-                q = 1 if first_only else bk.width
-                n = np.array(bk.lengths)
-                nq = np.ones_like(n) if first_only else n
-                per = heads * nq  # runs per example: one per head and real query row
-                g = np.repeat(np.arange(len(n)), per)
-                k = np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)
-                h, i = k // nq[g], k % nq[g]
-                src.append(((bk.members.numpy()[g] * heads + h) * W + i) * W)
-                dst.append(offsets[-1] + ((g * heads + h) * q + i) * bk.width)
-                length.append(n[g])
-                offsets.append(offsets[-1] + len(n) * heads * q * bk.width)
-            self._runs[key] = (np.concatenate(src), np.concatenate(length), np.concatenate(dst), offsets)
+            # per example, in packed order (the buckets' members end to end); no loop over
+            # buckets: this runs once per step, and the per-bucket version cost ~0.5 ms a call
+            n = np.array([x for bk in self.buckets for x in bk.lengths])
+            width = (n + BUCKET - 1) // BUCKET * BUCKET  # its bucket's width
+            nq = np.ones_like(n) if first_only else n  # real query rows
+            block = heads * (1 if first_only else width) * width  # its [heads, queries, width] block
+            start = np.cumsum(block) - block
+            per = heads * nq  # runs: one per head and real query row
+            g = np.repeat(np.arange(len(n)), per)
+            k = np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)
+            h, i = k // nq[g], k % nq[g]
+            W = self.width
+            src = ((self.order.numpy()[g] * heads + h) * W + i) * W
+            dst = start[g] + (h * (1 if first_only else width[g]) + i) * width[g]
+            sizes = [len(bk.members) * heads * (1 if first_only else bk.width) * bk.width for bk in self.buckets]
+            self._runs[key] = (src, n[g], dst, [0, *np.cumsum(sizes).tolist()])
         return self._runs[key]
 
     def head_rows(self, heads: int, first_only: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
