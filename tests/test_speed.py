@@ -279,3 +279,39 @@ def test_first_passes_computed_by_another_worker_give_the_same_run(tiny_cfg, mon
     assert ex.lent > 0
     assert ex.rates["prefix"].flops > 5e7  # the helper's time was booked
     ex.close()
+
+
+@pytest.mark.parametrize("where", ["job", "lent rows"])
+def test_work_failing_in_a_worker_stops_the_round_with_its_error(tiny_cfg, monkeypatch, where):
+    import time
+
+    from hierfedlora import engine, parallel
+
+    # worker 1 lends to worker 0; a job of worker 0, or the rows worker 1 computes for it, fail:
+    # the error must come back at once (not a worker left waiting for rows that will not come),
+    # and the workers are stopped for a fresh start
+    monkeypatch.setattr(parallel, "place", lambda costs, home: [0] * len(costs))
+    monkeypatch.setattr(parallel.ProcessExecutor, "MIN_GAP", 0.0)
+    if where == "job":
+        real = engine.run_job
+
+        def flaky(model, data, payload, plan, **kw):
+            if plan.device == 4:
+                raise ValueError("device 4 broke")
+            return real(model, data, payload, plan, **kw)
+
+        monkeypatch.setattr(engine, "run_job", flaky)
+    else:
+        def broken(self, ids):
+            raise ValueError("device 4 broke")  # the message the test expects, whichever fails
+
+        monkeypatch.setattr(LocalModel, "prefix_rows", broken)
+    topk = {"method.name": "fedlora_topk", "method.depth": 2, "run.rounds": 1, "fleet.num_devices": 5,
+            "train.threads": 1, "train.workers": 2}
+    sim = Simulation(tiny_cfg(**topk))
+    ex = sim.executor
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="device 4 broke"):
+        sim.step()
+    assert time.monotonic() - start < 60
+    assert ex.conns == [] and ex.procs == [] and not ex.home

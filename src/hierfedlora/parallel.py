@@ -15,6 +15,8 @@ more new examples than others) still end together. What placement cannot even ou
 unit it moves) is evened out by `lend`: the less loaded worker first passes some of the other's
 new examples through the frozen layers and the parent forwards the rows, which the other caches
 before the job that needs them (the same numbers: an example's rows do not depend on its batch).
+Work that fails in a worker raises its traceback here at once; the workers are stopped (one may be
+waiting for rows that will not come) and the next round forks new ones.
 """
 
 from __future__ import annotations
@@ -94,7 +96,10 @@ def _receive(conn, cache, keys: list[int], got: set[int]) -> None:
     """Before a job: wait until the first passes of `keys`, computed by another worker and
     forwarded by the parent as ("import", keys, rows), have arrived (and are cached)."""
     while not got.issuperset(keys):
-        _, sent, rows = pickle.loads(conn.recv_bytes())
+        msg = pickle.loads(conn.recv_bytes())
+        if msg is None:  # the parent gave up on this round (another worker failed): stop
+            raise SystemExit(0)
+        _, sent, rows = msg
         got.update(sent)
         if rows is not None and cache is not None:
             for k, r in zip(sent, rows):
@@ -306,7 +311,8 @@ class ProcessExecutor:
                         forwards.append(t)
                         if rows is not None:
                             helped.append((seconds, keys))
-                    elif not msg[0]:
+                    elif not msg[0]:  # the others may wait for it: start afresh next time
+                        self._restart()
                         raise RuntimeError(f"worker {w} failed:\n{msg[1]}")
                     else:
                         replies[w] = msg[1]
@@ -319,9 +325,23 @@ class ProcessExecutor:
             secs.append(replies[w][1].pop(0))
         return out, secs, helped
 
+    def _restart(self) -> None:
+        """Stop the workers now (one may be waiting for rows that will not come, another busy with
+        jobs whose round is lost); the next round forks new ones, with empty caches."""
+        for p in self.procs:
+            p.kill()
+            p.join(timeout=10)
+        self.conns.clear()
+        self.procs.clear()
+        self.cached = [set() for _ in range(self.workers)]
+        self.home.clear()
+
     def _send(self, w: int, msg) -> None:
         with self._locks[w]:
-            self.conns[w].send_bytes(pickle.dumps(msg))
+            try:
+                self.conns[w].send_bytes(pickle.dumps(msg))
+            except (OSError, IndexError):  # the round failed and the workers were stopped
+                pass
 
     def run(self, rnd: int, jobs: list[tuple]) -> list[JobOutput | None]:
         cfg, w, m = self.sim.cfg, self.sim.work, self.sim.model
