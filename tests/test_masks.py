@@ -69,3 +69,31 @@ def test_without_the_fast_path_dropout_uses_torchs_bernoulli(monkeypatch):
 def test_overlapping_runs_are_refused():
     with pytest.raises(ValueError, match="overlap"):
         masks.draw(100, np.array([10, 5]), np.array([3, 6]), np.array([0, 3]), 9, 0.9)
+
+
+@pytest.mark.parametrize("first_only", [False, True])
+def test_attention_runs_name_every_real_entry_once_where_its_bucket_block_holds_it(first_only):
+    # against the definition, example by example: run (example e, head h, real query row i) reads
+    # e's real keys from row (e, h, i) of a [B, heads, width, width] mask and writes them to row
+    # (h, i) of e's [heads, queries, bucket width] block, blocks laid end to end bucket by bucket
+    rng = np.random.default_rng(3)
+    heads = 3
+    for _ in range(60):
+        B, W = int(rng.integers(1, 20)), int(rng.integers(1, 40))
+        lengths = rng.integers(1, W + 1, B)
+        pk = make_pack(torch.from_numpy((np.arange(W)[None, :] < lengths[:, None]).astype(np.int64)),
+                       int(rng.integers(W, 50)))
+        src, length, dst, offsets = [], [], [], [0]
+        for bk in pk.buckets:
+            q = 1 if first_only else bk.width
+            for g, (e, n) in enumerate(zip(bk.members.tolist(), bk.lengths)):
+                for h in range(heads):
+                    for i in range(1 if first_only else n):
+                        src.append(((e * heads + h) * pk.width + i) * pk.width)
+                        length.append(n)
+                        dst.append(offsets[-1] + ((g * heads + h) * q + i) * bk.width)
+            offsets.append(offsets[-1] + len(bk.members) * heads * q * bk.width)
+        got = pk.attention_runs(heads, first_only)
+        for a, b in zip(got[:3], (src, length, dst)):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+        assert list(got[3]) == offsets
