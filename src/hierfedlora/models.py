@@ -358,9 +358,13 @@ class LocalModel:
                     ids.append(b["input_ids"][row, :n])
                     keys.append(k)
         if keys:
-            lengths = torch.tensor([len(t) for t in ids])
-            mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
-            self._compute_prefix(torch.nn.utils.rnn.pad_sequence(ids, batch_first=True), mask, keys)
+            self._compute_unpadded(ids, keys)
+
+    def _compute_unpadded(self, ids: list[torch.Tensor], keys: list[int], put=None) -> None:
+        """`_compute_prefix` for unpadded token-id tensors."""
+        lengths = torch.tensor([len(t) for t in ids])
+        mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
+        self._compute_prefix(torch.nn.utils.rnn.pad_sequence(ids, batch_first=True), mask, keys, put)
 
     def _compute_prefix(self, input_ids: torch.Tensor, mask: torch.Tensor, keys: list[int], put=None) -> None:
         """Layers 0..boundary-1 (in eval mode: frozen layers never drop) for these examples,
@@ -386,13 +390,10 @@ class LocalModel:
         if not ids:
             return []
         self.eval_mode()  # the frozen layers as a job or an evaluation runs them: no dropout
-        t = [torch.as_tensor(np.asarray(x, dtype=np.int64)) for x in ids]
-        lengths = torch.tensor([len(x) for x in t])
-        mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
         out: dict[int, np.ndarray] = {}
-        self._compute_prefix(torch.nn.utils.rnn.pad_sequence(t, batch_first=True), mask, list(range(len(t))),
-                             lambda k, rows: out.__setitem__(k, rows.copy()))
-        return [out[i] for i in range(len(t))]
+        self._compute_unpadded([torch.as_tensor(np.asarray(x, dtype=np.int64)) for x in ids], list(range(len(ids))),
+                               lambda k, rows: out.__setitem__(k, rows.copy()))
+        return [out[i] for i in range(len(ids))]
 
     @torch.no_grad()
     def _prefix(self, batch: dict[str, torch.Tensor], pack: packed.Pack) -> torch.Tensor:
