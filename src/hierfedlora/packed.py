@@ -99,39 +99,6 @@ class Pack:
             self._runs[key] = (src, n[g], dst, [0, *np.cumsum(sizes).tolist()])
         return self._runs[key]
 
-    def head_rows(self, heads: int, first_only: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gathers that lay [rows, heads * d] projections out per bucket as [G, heads, queries or
-        width, d] blocks end to end, viewing each projection as [rows * heads, d] (one gather
-        instead of a row gather and a transposing copy): (key/value rows, query rows, and the
-        rows of the blocks' output that make the [rows, heads * d] result, in packed order; with
-        `first_only`, queries and result are one row per example in batch order)."""
-        key = ("heads", heads, first_only)
-        if key not in self._runs:
-            h = np.arange(heads)
-            slots, kv, q, base, start = self.slots.numpy(), [], [], 0, 0
-            out = np.empty((self.batch if first_only else len(self.rows), heads), dtype=np.int64)
-            done = 0  # real tokens placed so far (packed order runs through the buckets)
-            for bk in self.buckets:
-                G, n = len(bk.members), bk.width
-                tok = slots[start:start + G * n].reshape(G, 1, n)
-                kv.append((tok * heads + h[None, :, None]).reshape(-1))
-                if first_only:
-                    members = bk.members.numpy()
-                    q.append((members[:, None] * heads + h).reshape(-1))
-                    out[members] = base + np.arange(G)[:, None] * heads + h
-                    base += G * heads
-                else:
-                    q.append(kv[-1])
-                    real = bk.real.numpy()
-                    g, i = real // n, real % n
-                    out[done:done + len(real)] = base + (g[:, None] * heads + h) * n + i[:, None]
-                    done += len(real)
-                    base += G * heads * n
-                start += G * n
-            t = torch.from_numpy
-            self._runs[key] = (t(np.concatenate(kv)), t(np.concatenate(q)), t(out.reshape(-1)))
-        return self._runs[key]
-
     @property
     def first_noise_rows(self) -> torch.Tensor:
         """Each example's first token in a flattened [B*width] mask, batch order."""
@@ -313,40 +280,6 @@ class PackedEncoder:
             if grow > 0:  # slots past the padded width hold padding: their weight is 0 anyway
                 noise = F.pad(noise, (0, grow, 0, grow))
             blocks = [noise[bk.members.to(dev), :, :nq, :bk.width] for bk, nq in zip(pack.buckets, queries)]
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return self._attention_rows(q, k, v, att, pack, blocks, queries, first_only)
-        # Without gradients, one gather lays each projection out per bucket (see Pack.head_rows):
-        # 10% less time than gathering rows and then transposing (no grad: the first pass through
-        # frozen layers, 64 MiniLM examples: 7.3 -> 6.5 ms per layer). With gradients the gather's
-        # backward (an index_add over 12x more, 12x shorter rows) costs more than it saves (a W2
-        # step +6%), so `_attention_rows` runs there. Both give the same blocks, hence the same bits.
-        kv_rows, q_rows, out_rows = (t.to(dev) for t in pack.head_rows(H, first_only))
-        sizes = [len(bk.members) * H * bk.width for bk in pack.buckets]
-        ks, vs = (t.reshape(-1, d).index_select(0, kv_rows).split(sizes) for t in (k, v))
-        qs = q.reshape(-1, d).index_select(0, q_rows).split([len(bk.members) * H * n for bk, n in zip(pack.buckets, queries)])
-        out = []
-        for j, (bk, qb, kb, vb) in enumerate(zip(pack.buckets, qs, ks, vs)):
-            G, n = len(bk.members), bk.width
-            w = self._weights(qb.view(G, H, -1, d), kb.view(G, H, n, d), att, bk, blocks, j)
-            out.append((w @ vb.view(G, H, n, d)).view(-1, d))
-        o = torch.cat(out) if len(out) > 1 else out[0]
-        return o.index_select(0, out_rows).view(-1, H * d)
-
-    @staticmethod
-    def _weights(qg: torch.Tensor, kg: torch.Tensor, att: nn.Module, bk: Bucket, blocks, j: int) -> torch.Tensor:
-        """Attention weights of one bucket ([G, H, queries, d] against [G, H, width, d], both
-        contiguous: strided batched products pick kernels by batch size, and so their sums).
-        Written out rather than F.scaled_dot_product_attention: the fused CPU kernel's sums depend
-        on how many examples share the call (for small head sizes), these do not."""
-        w = torch.softmax(qg @ kg.transpose(-1, -2) * att.scaling + bk.key_mask.to(qg.device), dim=-1)
-        return w * blocks[j] if blocks is not None else w
-
-    def _attention_rows(self, q, k, v, att: nn.Module, pack: Pack, blocks, queries: list[int],
-                        first_only: bool) -> torch.Tensor:
-        """`attention` with gradients: whole rows gathered into bucket slots, then per bucket a
-        transposing copy into [G, H, width, d]."""
-        H, d = att.num_attention_heads, att.attention_head_size
-        dev = q.device
         sizes = [len(bk.members) * bk.width for bk in pack.buckets]
         slots = pack.slots.to(dev)
         ks, vs = (t.index_select(0, slots).split(sizes) for t in (k, v))
@@ -357,9 +290,15 @@ class PackedEncoder:
         out = []
         for j, (bk, qb, kb, vb) in enumerate(zip(pack.buckets, qs, ks, vs)):
             G, n = len(bk.members), bk.width
+            # contiguous: strided batched products pick kernels by batch size, and so their sums
             kg, vg = (t.view(G, n, H, d).transpose(1, 2).contiguous() for t in (kb, vb))
             qg = qb.view(G, -1, H, d).transpose(1, 2).contiguous()
-            o = (self._weights(qg, kg, att, bk, blocks, j) @ vg).transpose(1, 2).reshape(-1, H * d)
+            # Written out rather than F.scaled_dot_product_attention: the fused CPU kernel's sums
+            # depend on how many examples share the call (for small head sizes), these do not.
+            w = torch.softmax(qg @ kg.transpose(-1, -2) * att.scaling + bk.key_mask.to(dev), dim=-1)
+            if blocks is not None:
+                w = w * blocks[j]
+            o = (w @ vg).transpose(1, 2).reshape(-1, H * d)
             out.append(o if first_only else o.index_select(0, bk.real.to(dev)))
         ctx = torch.cat(out) if len(out) > 1 else out[0]
         return ctx.index_select(0, pack.unorder.to(dev)) if first_only else ctx
