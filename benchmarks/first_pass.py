@@ -4,10 +4,12 @@ W2's setting (real MiniLM, `rotten_tomatoes`, the cache below layer 4), one thre
 `LocalModel.prefix_rows` for 64 training examples (embeddings and the four frozen layers), as a
 worker runs them, in a fresh process with glibc's default malloc settings and in one that first
 calls `parallel._keep_heap`, as the workers do. Two processes of each, alternating; the better of
-each. (The version in the commit that added this file also timed a way of laying out attention
-that was not kept: see docs/benchmarks.md.)
+each. With `--chunks`, the time of 256 examples passed 64, 128, ... at a time instead (the size of
+`LocalModel.PREFIX_CHUNK`). (The version in the commit that added this file also timed a way of
+laying out attention that was not kept: see docs/benchmarks.md.)
 
     python benchmarks/first_pass.py
+    python benchmarks/first_pass.py --chunks 32,64,128,256
 """
 
 from __future__ import annotations
@@ -25,12 +27,24 @@ from speed import config
 EXAMPLES, REPEATS = 64, 20
 
 
-def setup():
+def setup(examples: int = EXAMPLES):
     torch.set_num_threads(1)
     sim = Simulation(config({"name": "fedlora_topk", "depth": 2}, False, 1, 1))
     w = sim.work
-    picks = np.random.default_rng(0).choice(w.train, EXAMPLES, replace=False)
+    picks = np.random.default_rng(0).choice(w.train, examples, replace=False)
     return sim, w, picks
+
+
+def chunks(sizes: list[int]) -> None:
+    """256 examples passed `LocalModel.PREFIX_CHUNK` at a time, for each size (heap kept)."""
+    from hierfedlora.parallel import _keep_heap
+
+    _keep_heap()
+    sim, w, picks = setup(256)
+    ids = [w.ids[k] for k in picks]
+    for size in sizes:
+        sim.model.PREFIX_CHUNK = size
+        print(f"first pass, 256 examples in chunks of {size}: {mean(lambda: sim.model.prefix_rows(ids), 5) * 1e3:.0f} ms")
 
 
 def mean(f, repeats: int = REPEATS) -> float:
@@ -57,6 +71,9 @@ def heap_child(keep: bool) -> None:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] in ("--heap-default", "--heap-kept"):
         heap_child(sys.argv[1] == "--heap-kept")
+        return 0
+    if len(sys.argv) > 2 and sys.argv[1] == "--chunks":
+        chunks([int(x) for x in sys.argv[2].split(",")])
         return 0
     times = {"default": [], "kept": []}
     for _ in range(2):
