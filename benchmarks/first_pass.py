@@ -27,21 +27,21 @@ from speed import config
 EXAMPLES, REPEATS = 64, 20
 
 
-def setup(examples: int = EXAMPLES):
+def setup(examples: int = EXAMPLES, keep_heap: bool = True):
+    """W2's model, one thread, and the token ids of `examples` training examples."""
+    if keep_heap:
+        from hierfedlora.parallel import _keep_heap
+
+        _keep_heap()
     torch.set_num_threads(1)
     sim = Simulation(config({"name": "fedlora_topk", "depth": 2}, False, 1, 1))
     w = sim.work
-    picks = np.random.default_rng(0).choice(w.train, examples, replace=False)
-    return sim, w, picks
+    return sim, [w.ids[k] for k in np.random.default_rng(0).choice(w.train, examples, replace=False)]
 
 
 def chunks(sizes: list[int]) -> None:
     """256 examples passed `LocalModel.PREFIX_CHUNK` at a time, for each size (heap kept)."""
-    from hierfedlora.parallel import _keep_heap
-
-    _keep_heap()
-    sim, w, picks = setup(256)
-    ids = [w.ids[k] for k in picks]
+    sim, ids = setup(256)
     for size in sizes:
         sim.model.PREFIX_CHUNK = size
         print(f"first pass, 256 examples in chunks of {size}: {mean(lambda: sim.model.prefix_rows(ids), 5) * 1e3:.0f} ms")
@@ -59,12 +59,7 @@ def mean(f, repeats: int = REPEATS) -> float:
 
 def heap_child(keep: bool) -> None:
     """Runs in a fresh process: prints the mean time of the first pass, in ms."""
-    if keep:
-        from hierfedlora.parallel import _keep_heap
-
-        _keep_heap()
-    sim, w, picks = setup()
-    ids = [w.ids[k] for k in picks]
+    sim, ids = setup(keep_heap=keep)
     print(f"{mean(lambda: sim.model.prefix_rows(ids)) * 1e3:.1f}")
 
 

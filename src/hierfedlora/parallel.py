@@ -40,10 +40,10 @@ from hierfedlora.trainer import JobOutput, batch_scores, combine_scores, job_pic
 def _keep_heap() -> None:
     """Ask glibc's malloc to keep freed memory (up to 256 MiB) instead of handing it back to the
     system. By default it returns the top of the heap and gives tensors above a moving threshold
-    their own mapping, so a layer's ~10 MB activations arrive as fresh pages that the kernel zeroes
-    on first touch: measured on MiniLM (one core), the first pass of 64 examples through 4 layers
-    takes 335 ms by default and 310-315 ms with this (GELU's output alone: 6.8 -> 2.5 ms), a cached
-    W2 step 61 -> 60 ms. No effect on any value; a no-op where malloc is not glibc's."""
+    their own mapping, so a layer's ~10 MB activations often arrive as fresh pages that the kernel
+    zeroes on first touch: `python benchmarks/first_pass.py` (MiniLM, one core, 64 examples through
+    the 4 frozen layers) measured 340-367 ms by default and 329-336 ms with this over five runs.
+    No effect on any value; a no-op where malloc is not glibc's."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
