@@ -103,6 +103,24 @@ def test_an_examples_activations_do_not_depend_on_its_batch():
             assert torch.equal(h, everyone[r]), r  # bitwise: what makes the cache exact
 
 
+def test_a_lora_that_adds_zero_is_skipped_only_while_it_learns_nothing():
+    from hierfedlora import packed
+
+    m = tiny_model()
+    m.load(m.init_state({0: 4}), {0: 4}, train_layers=())  # B = 0, nothing trains
+    mod = m.lora[(0, "attention.self.query")]
+    x = torch.randn(20, mod.in_features)
+    pk = make_pack(torch.ones(4, 5, dtype=torch.long))
+    assert packed._zero_lora(mod)
+    assert torch.equal(packed.linear(mod, x, pk), mod.base_layer(x))
+    m.load(m.init_state({0: 4}), {0: 4}, train_layers=(0,))  # B = 0, but it trains: B must get a gradient
+    assert not packed._zero_lora(mod)
+    packed.linear(mod, x, pk).sum().backward()
+    assert mod.lora_B["default"].weight.grad.abs().sum() > 0
+    with torch.no_grad():  # nothing learns without gradients
+        assert packed._zero_lora(mod)
+
+
 def test_cached_and_uncached_engines_are_identical(tiny_cfg):
     topk = {"method.name": "fedlora_topk", "method.depth": 2, "run.rounds": 3, "train.local_steps": 3}
     runs = {}
