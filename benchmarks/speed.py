@@ -223,9 +223,9 @@ def trace_workers() -> None:
 
     t0, timed, lend = time.time(), parallel._timed, parallel._help
 
-    def traced(model, items, work, before=None):
+    def traced(model, items, work, before=None, groups=None):
         start = time.time()
-        out = timed(model, items, work, before)
+        out = timed(model, items, work, before, groups)
         print(f"    worker {os.getpid()}: {start - t0:6.2f} -{time.time() - t0:6.2f} s  {len(items):2d} items, first passes "
               f"{sum(p for _, p in out[1]):.2f} s", flush=True)
         return out

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hierfedlora import masks
 from hierfedlora.data import collate
 from hierfedlora.engine import Simulation
-from hierfedlora.lora_state import lora_key
+from hierfedlora.lora_state import lora_key, to_device
 from hierfedlora.models import LocalModel, load_base, load_tokenizer
 from hierfedlora.packed import make_pack
 from hierfedlora.prefix_cache import PrefixCache
@@ -172,6 +172,43 @@ def test_engine_job_equals_a_plain_loop_padded_to_max_length(tiny_cfg):
     assert err <= 1e-2 * update
 
 
+@pytest.mark.parametrize("method", [{"method.name": "fedlora_topk", "method.depth": 2},  # cached, top layers
+                                    {"method.name": "fedlora", "model.lora_dropout": 0.1}])  # every layer, LoRA dropout
+def test_devices_trained_together_get_exactly_what_they_get_alone(tiny_cfg, method):
+    from hierfedlora.trainer import lockstep_groups, run_jobs
+
+    sim = Simulation(tiny_cfg(**method, **{"train.batch_size": 16, "train.local_steps": 3}))
+    m, w = sim.model, sim.work
+    layers = tuple(sorted(sim.strategy.layers)) if hasattr(sim.strategy, "layers") else tuple(range(m.num_layers))
+    g = torch.Generator().manual_seed(1)
+    jobs = []
+    for d in range(4):  # each device from its own state (as after some training), so their factors differ
+        state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in sim.state.items()}
+        plan = DevicePlan(d, sim.global_ranks, layers, 3)
+        jobs.append((DeviceData(w.ids, w.labels, w.parts[d], w.pad_id), to_device(state, plan.ranks, sim.global_ranks), plan, 0))
+    kw = dict(seed=0, rnd=1, batch_size=16, lr=2e-2, weight_decay=0.01, backward_ratio=1.0)
+    assert lockstep_groups(m, [j[2] for j in jobs], [len(j[0].positions) for j in jobs], 16, 3) == [[0, 1, 2], [3]]
+    together = run_jobs(m, jobs, lockstep=3, **kw)
+    alone = [run_jobs(m, [j], **kw)[0] for j in jobs]
+    for a, t in zip(alone, together):
+        assert a.train_loss == t.train_loss and a.flops == t.flops
+        assert a.update.keys() == t.update.keys()
+        assert all(torch.equal(a.update[k], t.update[k]) for k in a.update), [k for k in a.update if not torch.equal(a.update[k], t.update[k])]
+    assert not torch.equal(alone[0].update["head.classifier.weight"], alone[1].update["head.classifier.weight"])
+
+
+def test_only_jobs_of_one_plan_shape_train_together():
+    from hierfedlora.trainer import lockstep_groups
+
+    m = tiny_model()
+    r = {l: 4 for l in range(4)}
+    plans = [DevicePlan(0, r, (2, 3), 3), DevicePlan(1, r, (2, 3), 3), DevicePlan(2, r, (3,), 3),
+             DevicePlan(3, r, (3,), 3), DevicePlan(4, r, (3,), 2), DevicePlan(5, r, (3,), 2, extra={"mu": 0.1})]
+    assert lockstep_groups(m, plans, [40] * 6, 16, 4) == [[0, 1], [2, 3], [4], [5]]
+    assert lockstep_groups(m, plans[:4], [40, 40, 40, 12], 16, 4) == [[0, 1], [2], [3]]  # a batch under MIN_ROWS
+    assert lockstep_groups(m, plans[:2], [40, 40], 16, 1) == [[0], [1]]
+
+
 def test_cache_is_refused_or_invalidated_when_its_assumption_breaks():
     m = tiny_model()
     cache = PrefixCache(32, 1000)
@@ -311,14 +348,14 @@ def test_work_failing_in_a_worker_stops_the_round_with_its_error(tiny_cfg, monke
     monkeypatch.setattr(parallel, "place", lambda costs, home: [0] * len(costs))
     monkeypatch.setattr(parallel.ProcessExecutor, "MIN_GAP", 0.0)
     if where == "job":
-        real = engine.run_job
+        real = engine.run_jobs
 
-        def flaky(model, data, payload, plan, **kw):
-            if plan.device == 4:
+        def flaky(model, jobs, **kw):
+            if any(plan.device == 4 for _, _, plan, _ in jobs):
                 raise ValueError("device 4 broke")
-            return real(model, data, payload, plan, **kw)
+            return real(model, jobs, **kw)
 
-        monkeypatch.setattr(engine, "run_job", flaky)
+        monkeypatch.setattr(engine, "run_jobs", flaky)
     else:
         def broken(self, ids):
             raise ValueError("device 4 broke")  # the message the test expects, whichever fails

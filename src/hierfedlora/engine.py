@@ -31,7 +31,7 @@ from hierfedlora.partition import label_histograms, partition
 from hierfedlora.prefix_cache import PrefixCache
 from hierfedlora.strategies.base import Job, RoundReport, SetupInfo, TrainResult
 from hierfedlora.strategies.registry import get_strategy
-from hierfedlora.trainer import DeviceData, JobOutput, evaluate, run_job
+from hierfedlora.trainer import DeviceData, JobOutput, evaluate, lockstep_groups, run_jobs
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
@@ -86,7 +86,7 @@ def config_fingerprint(cfg: ExperimentConfig) -> str:
     """Hash of everything that determines results (not progress display or checkpoint cadence)."""
     d = cfg.to_dict()
     d["run"] = {k: v for k, v in d["run"].items() if k not in ("progress", "checkpoint_every", "rounds", "eval_every", "target_acc")}
-    d["train"] = {k: v for k, v in d["train"].items() if k not in ("prefix_cache", "cache_memory_mb", "workers")}  # speed only
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("prefix_cache", "cache_memory_mb", "workers", "lockstep")}  # speed only
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -98,12 +98,17 @@ class LocalExecutor:
 
     def run(self, rnd: int, jobs: list[tuple]) -> list[JobOutput | None]:
         sim, cfg, w = self.sim, self.sim.cfg, self.sim.work
-        return [
-            run_job(sim.model, DeviceData(w.ids, w.labels, w.parts[plan.device], w.pad_id), payload, plan,
-                    seed=cfg.run.seed, rnd=rnd, call=k, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
-                    weight_decay=cfg.train.weight_decay, backward_ratio=cfg.fleet.backward_ratio)
-            for plan, payload, k in jobs
-        ]
+        return run_jobs(sim.model, [(DeviceData(w.ids, w.labels, w.parts[plan.device], w.pad_id), payload, plan, k)
+                                    for plan, payload, k in jobs],
+                        seed=cfg.run.seed, rnd=rnd, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
+                        weight_decay=cfg.train.weight_decay, backward_ratio=cfg.fleet.backward_ratio,
+                        lockstep=cfg.train.lockstep)
+
+    def groups(self, jobs: list[tuple]) -> list[list[int]]:
+        """The jobs `run` trains together (indices)."""
+        sim = self.sim
+        return lockstep_groups(sim.model, [plan for plan, _, _ in jobs], [len(sim.work.parts[p.device]) for p, _, _ in jobs],
+                               sim.cfg.train.batch_size, sim.cfg.train.lockstep)
 
 
 class Simulation:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hierfedlora import packed
+from hierfedlora import masks, packed
 from hierfedlora.clock import ModelCost
 from hierfedlora.lora_state import State, lora_key
 from hierfedlora.prefix_cache import PrefixCache
@@ -419,6 +419,61 @@ class LocalModel:
             for k, p in self.head.items():
                 out[k] = p.detach().cpu().clone()
         return out
+
+    # -- several devices at once (see packed.join) -----------------------------------------
+    def adapter(self, payload: State, ranks: dict[int, int], train_layers: tuple[int, ...] | list[int] = ()) -> packed.Adapter:
+        """A device's LoRA factors and head as `load` would set them, in tensors of their own (that
+        train where `load` would train them); `load` a payload of the same plan first (scales)."""
+        trained, lora = set(train_layers), {}
+        with torch.no_grad():
+            for (layer, sub), mod in self.lora.items():
+                a, b = torch.zeros_like(mod.lora_A["default"].weight), torch.zeros_like(mod.lora_B["default"].weight)
+                r = ranks.get(layer, 0)
+                if r > 0:
+                    a[:r] = payload[lora_key(layer, sub, "A")]
+                    b[:, :r] = payload[lora_key(layer, sub, "B")]
+                on = layer in trained and r > 0
+                lora[mod] = (a.requires_grad_(on), b.requires_grad_(on))
+            head = {self._head_name(k): payload[k].to(self.device, copy=True).requires_grad_(True) for k in self.head}
+        return packed.Adapter(lora, head)
+
+    @staticmethod
+    def _head_name(key: str) -> str:
+        """head.classifier.<param> -> its name inside the classifier module (PEFT's wrapper)."""
+        return "modules_to_save.default." + key.split(".", 2)[2]
+
+    def extract_adapter(self, ad: packed.Adapter, layers: list[int] | tuple[int, ...], ranks: dict[int, int]) -> State:
+        """`extract` of a device trained as `ad`."""
+        out: State = {}
+        for (layer, sub), mod in sorted(self.lora.items()):
+            if layer in layers and ranks.get(layer, 0) > 0:
+                r, (a, b) = ranks[layer], ad.lora[mod]
+                out[lora_key(layer, sub, "A")] = a.detach()[:r].cpu().clone()
+                out[lora_key(layer, sub, "B")] = b.detach()[:, :r].cpu().clone()
+        for k in self.head:
+            out[k] = ad.head[self._head_name(k)].detach().cpu().clone()
+        return out
+
+    def joinable(self) -> bool:
+        """Whether devices can train together here (`logits_joined`): the packed forward with the
+        masks that need no generator of their own, and a head named `classifier`."""
+        return (self.packed is not None and masks.available()
+                and all(k.startswith("head.classifier.") for k in self.head))
+
+    def logits_joined(self, batches: list[dict[str, torch.Tensor]], adapters: list[packed.Adapter],
+                      rng: list[torch.Tensor]) -> torch.Tensor:
+        """Class logits of several devices' batches (end to end) in one forward, device k with
+        adapters[k] and its dropout generator state rng[k] (updated): what `logits` gives each
+        alone (see packed.join)."""
+        dev = self.device
+        packs = [packed.make_pack(b["attention_mask"], self.dropout_width) for b in batches]
+        pack = packed.join(packs, adapters, rng)
+        if self._prefix_on and all("index" in b for b in batches):
+            x = torch.cat([self._prefix(b, p) for b, p in zip(batches, packs)])
+            return self.packed.head(self.packed.encode(x, pack, self.boundary), pack)
+        x = torch.cat([pack.drawing(k, lambda: self.packed.embed(b["input_ids"].to(dev), p))
+                       for k, (b, p) in enumerate(zip(batches, packs))])
+        return self.packed.head(self.packed.encode(x, pack), pack)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.peft.parameters() if p.requires_grad]

@@ -71,8 +71,22 @@ class Pack:
     groups: list[tuple[int, int, int, torch.Tensor]]
     buckets: list[Bucket]
     slots: torch.Tensor  # packed row behind every bucket slot, buckets concatenated (padding: the example's first row)
+    # Several devices' batches trained together (`join`): each one's own pack, in order, with its
+    # LoRA factors and head (`Adapter`) and its dropout generator state; None for one batch.
+    parts: list[Pack] | None = None
+    adapters: list[Adapter] | None = None
+    rng: list[torch.Tensor] | None = None
 
     _runs: dict = field(default_factory=dict, repr=False)
+
+    def drawing(self, k: int, draw):
+        """draw() with the default CPU generator in part k's state, which it then keeps: each
+        device draws its masks from its own stream, in the order it would alone."""
+        torch.set_rng_state(self.rng[k])
+        try:
+            return draw()
+        finally:
+            self.rng[k] = torch.get_rng_state()
 
     def attention_runs(self, heads: int, first_only: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
         """Where each bucket's attention-dropout entries sit in a [B, heads, width, width] mask:
@@ -131,6 +145,35 @@ def make_pack(attention_mask: torch.Tensor, width: int | None = None) -> Pack:
                 groups, buckets, slots)
 
 
+@dataclass
+class Adapter:
+    """One device's LoRA factors (by LoRA module) and head parameters (names as in the classifier
+    module), for a forward that trains several devices at once (`join`)."""
+
+    lora: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]
+    head: dict[str, torch.Tensor]
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for ab in self.lora.values() for t in ab] + list(self.head.values())
+
+
+def join(packs: list[Pack], adapters: list[Adapter], rng: list[torch.Tensor]) -> Pack:
+    """Several devices' batches as one: their packed rows end to end (device by device), so every
+    frozen product, layer norm and activation runs once for all of them, while each device keeps
+    its own LoRA factors, head and dropout stream (`rng`: generator states, updated as they draw).
+    Rows do not depend on their batch-mates (see top), so each device gets what it would alone."""
+    rows = np.cumsum([0] + [len(p.noise_rows) for p in packs])
+    ex = np.cumsum([0] + [p.batch for p in packs])
+    cat = torch.cat
+    buckets = [Bucket(bk.width, bk.members + int(e), bk.lengths, bk.key_mask, bk.real)
+               for p, e in zip(packs, ex) for bk in p.buckets]
+    groups = [(n, a + int(r), b + int(r), m + int(e)) for p, r, e in zip(packs, rows, ex) for n, a, b, m in p.groups]
+    return Pack(int(ex[-1]), max(p.width for p in packs), cat([p.rows for p in packs]), cat([p.noise_rows for p in packs]),
+                cat([p.firsts + int(r) for p, r in zip(packs, rows)]), cat([p.unorder + int(e) for p, e in zip(packs, ex)]),
+                cat([p.order + int(e) for p, e in zip(packs, ex)]), groups, buckets,
+                cat([p.slots + int(r) for p, r in zip(packs, rows)]), list(packs), list(adapters), rng)
+
+
 def _runs_of(values: np.ndarray) -> list[tuple[int, int]]:
     """(start, end) of each run of equal consecutive values."""
     cuts = [0, *(np.flatnonzero(np.diff(values)) + 1).tolist(), len(values)]
@@ -168,24 +211,31 @@ def supported(model: nn.Module) -> bool:
     return ok and getattr(c, "chunk_size_feed_forward", 0) == 0
 
 
-def dropout(x: torch.Tensor, mod: nn.Module, pack: Pack, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """`mod(x)` for packed rows (or the given rows of the padded layout), with the mask a
+def dropout(x: torch.Tensor, mod: nn.Module, pack: Pack, first: bool = False) -> torch.Tensor:
+    """`mod(x)` for packed rows (`first`: each example's first token, batch order), with the mask a
     [B, width, h] padded batch would get (see top)."""
     if not isinstance(mod, nn.Dropout) or not mod.training or mod.p == 0.0:
         return x
-    rows = pack.noise_rows if rows is None else rows
     h, keep = x.shape[-1], 1 - mod.p
-    if x.device.type == "cpu" and masks.available():  # the same numbers, drawn only for these rows
+    if pack.parts is None:
+        return x * _noise(pack, first, h, keep, x.device)
+    return x * torch.cat([pack.drawing(k, lambda: _noise(p, first, h, keep, x.device)) for k, p in enumerate(pack.parts)])
+
+
+def _noise(pack: Pack, first: bool, h: int, keep: float, dev: torch.device) -> torch.Tensor:
+    """A dropout mask's rows (see `dropout`), from the default generator."""
+    rows = pack.first_noise_rows if first else pack.noise_rows
+    if dev.type == "cpu" and masks.available():  # the same numbers, drawn only for these rows
         r = rows.numpy()
-        return x * masks.draw(pack.batch * pack.width * h, r * h, np.full(len(r), h), np.arange(len(r)) * h,
-                              len(r) * h, keep).view(len(r), h)
+        return masks.draw(pack.batch * pack.width * h, r * h, np.full(len(r), h), np.arange(len(r)) * h,
+                          len(r) * h, keep).view(len(r), h)
     # as aten's CPU dropout: noise = bernoulli(1-p) / (1-p); out = x * noise
-    noise = torch.empty(pack.batch * pack.width, h, device=x.device).bernoulli_(keep).div_(keep)
-    return x * noise[rows.to(x.device)]
+    noise = torch.empty(pack.batch * pack.width, h, device=dev).bernoulli_(keep).div_(keep)
+    return noise[rows.to(dev)]
 
 
-def linear(mod: nn.Module, x: torch.Tensor, pack: Pack, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """`mod(x)` (a Linear or PEFT LoRA Linear) on packed rows (`rows`: as in `dropout`). Products
+def linear(mod: nn.Module, x: torch.Tensor, pack: Pack, first: bool = False) -> torch.Tensor:
+    """`mod(x)` (a Linear or PEFT LoRA Linear) on packed rows (`first`: as in `dropout`). Products
     of fewer than MIN_ROWS rows are padded with zero rows so every row is summed the same way."""
     n = x.shape[0]
     short = n < MIN_ROWS
@@ -199,18 +249,38 @@ def linear(mod: nn.Module, x: torch.Tensor, pack: Pack, rows: torch.Tensor | Non
     scale = getattr(mod, "scaling", None)
     if scale is None:  # a plain nn.Linear
         return crop(mod(pad(x)))
+    if pack.parts is not None:
+        return _linear_parts(mod, x, pack, first)
     if scale.get("default", 1.0) == 0.0 or _zero_lora(mod):  # the LoRA branch adds exactly 0
         return crop(mod.base_layer(pad(x)))
     # PEFT's LoRA Linear: base(x) + B(A(dropout(x))) * scale, with our dropout mask
-    lora = _LoRA.apply(pad(dropout(x, mod.lora_dropout["default"], pack, rows)), mod.lora_A["default"].weight,
+    lora = _LoRA.apply(pad(dropout(x, mod.lora_dropout["default"], pack, first)), mod.lora_A["default"].weight,
                        mod.lora_B["default"].weight, scale["default"])
     return crop(mod.base_layer(pad(x)) + lora)
+
+
+def _linear_parts(mod: nn.Module, x: torch.Tensor, pack: Pack, first: bool) -> torch.Tensor:
+    """`linear` for joined batches (each has at least MIN_ROWS examples: `trainer.joinable`): the
+    frozen product once for all rows, each device's LoRA branch on its own rows, in one autograd
+    node. Built in the order `linear` builds its nodes: the backward then adds up the gradients
+    reaching x in the same order, hence to the same bits."""
+    factors = [ad.lora[mod] for ad in pack.adapters]
+    scale = mod.scaling.get("default", 1.0)
+    if scale == 0.0 or all(_zero_factors(a, b) for a, b in factors):
+        return mod.base_layer(x)
+    sizes = [p.batch if first else len(p.noise_rows) for p in pack.parts]
+    lora = _LoRAParts.apply(dropout(x, mod.lora_dropout["default"], pack, first), scale, sizes,
+                            *(t for ab in factors for t in ab))
+    return mod.base_layer(x) + lora
 
 
 def _zero_lora(mod: nn.Module) -> bool:
     """A LoRA that adds exactly 0 and learns nothing: B = 0 and neither factor trains (the frozen
     layers below the prefix cache always; skipping them is ~2.5% of a first pass on MiniLM)."""
-    a, b = mod.lora_A["default"].weight, mod.lora_B["default"].weight
+    return _zero_factors(mod.lora_A["default"].weight, mod.lora_B["default"].weight)
+
+
+def _zero_factors(a: torch.Tensor, b: torch.Tensor) -> bool:
     learns = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     return not learns and not bool(b.any())
 
@@ -239,6 +309,65 @@ class _LoRA(torch.autograd.Function):
         da = dut @ x if ctx.needs_input_grad[1] else None
         db = (ut @ g).t() if ctx.needs_input_grad[2] else None
         return dx, da, db, None
+
+
+class _LoRAParts(torch.autograd.Function):
+    """`_LoRA` of several devices at once: rows `sizes[k]` of x (end to end) through device k's
+    factors (`ab`: a0, b0, a1, b1, ...). Each part's products have the shapes they have alone
+    (padded to MIN_ROWS as `linear` pads), so each device gets the same numbers."""
+
+    @staticmethod
+    def forward(ctx, x, scale, sizes, *ab):
+        out = x.new_empty(len(x), ab[1].shape[0])
+        saved, start = [], 0
+        for k, n in enumerate(sizes):
+            xk = x[start:start + n]
+            if n < MIN_ROWS:
+                xk = F.pad(xk, (0, 0, 0, MIN_ROWS - n))
+            a, b = ab[2 * k], ab[2 * k + 1]
+            ut = a @ xk.t()
+            out[start:start + n] = ((ut.t() @ b.t()) * scale)[:n]
+            saved.append(ut)
+            start += n
+        ctx.save_for_backward(x, *ab, *saved)
+        ctx.scale, ctx.sizes = scale, sizes
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        sizes, K = ctx.sizes, len(ctx.sizes)
+        x, ab, uts = ctx.saved_tensors[0], ctx.saved_tensors[1:1 + 2 * K], ctx.saved_tensors[1 + 2 * K:]
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grads, start = [], 0
+        for k, n in enumerate(sizes):
+            a, b, ut = ab[2 * k], ab[2 * k + 1], uts[k]
+            xk, g = x[start:start + n], grad[start:start + n] * ctx.scale
+            if n < MIN_ROWS:
+                xk, g = F.pad(xk, (0, 0, 0, MIN_ROWS - n)), F.pad(g, (0, 0, 0, MIN_ROWS - n))
+            dut = b.t() @ g.t()
+            if dx is not None:
+                dx[start:start + n] = (dut.t() @ a)[:n]
+            grads.append(dut @ xk if ctx.needs_input_grad[3 + 2 * k] else None)
+            grads.append((ut @ g).t() if ctx.needs_input_grad[4 + 2 * k] else None)
+            start += n
+        return (dx, None, None, *grads)
+
+
+def _attention_noise(pack: Pack, H: int, p: float, first_only: bool, dev: torch.device) -> list[torch.Tensor]:
+    """Attention-dropout blocks of each bucket, [G, H, queries, width], from the default generator:
+    SDPA's math path draws its mask at [B, H, W, W]; so do we, then take each bucket's block.
+    Entries for padded keys (weight 0) and padded queries (not read) may hold anything."""
+    queries = [1 if first_only else bk.width for bk in pack.buckets]
+    if dev.type == "cpu" and masks.available():  # the same numbers, only the real entries
+        src, length, dst, offsets = pack.attention_runs(H, first_only)
+        flat = masks.draw(pack.batch * H * pack.width ** 2, src, length, dst, offsets[-1], 1 - p)
+        return [flat[a:b].view(len(bk.members), H, nq, bk.width)
+                for a, b, bk, nq in zip(offsets, offsets[1:], pack.buckets, queries)]
+    noise = torch.empty(pack.batch, H, pack.width, pack.width, device=dev).bernoulli_(1 - p).div_(1 - p)
+    grow = pack.buckets[-1].width - pack.width
+    if grow > 0:  # slots past the padded width hold padding: their weight is 0 anyway
+        noise = F.pad(noise, (0, grow, 0, grow))
+    return [noise[bk.members.to(dev), :, :nq, :bk.width] for bk, nq in zip(pack.buckets, queries)]
 
 
 class PackedEncoder:
@@ -272,22 +401,12 @@ class PackedEncoder:
         H, d = att.num_attention_heads, att.attention_head_size
         p = att.dropout.p if att.training else 0.0
         dev = q.device
-        # Attention dropout: SDPA's math path draws its mask at [B, H, W, W]; so do we, then take
-        # each bucket's [G, H, queries, width] block. Entries for padded keys (weight 0) and padded
-        # queries (not read) may hold anything.
-        blocks = None
-        queries = [1 if first_only else bk.width for bk in pack.buckets]
-        if p > 0 and dev.type == "cpu" and masks.available():  # the same numbers, only the real entries
-            src, length, dst, offsets = pack.attention_runs(H, first_only)
-            flat = masks.draw(pack.batch * H * pack.width ** 2, src, length, dst, offsets[-1], 1 - p)
-            blocks = [flat[a:b].view(len(bk.members), H, nq, bk.width)
-                      for a, b, bk, nq in zip(offsets, offsets[1:], pack.buckets, queries)]
+        blocks = None  # attention dropout (see _attention_noise)
+        if p > 0 and pack.parts is not None:  # each device's blocks from its own stream
+            blocks = [b for k, part in enumerate(pack.parts)
+                      for b in pack.drawing(k, lambda: _attention_noise(part, H, p, first_only, dev))]
         elif p > 0:
-            noise = torch.empty(pack.batch, H, pack.width, pack.width, device=dev).bernoulli_(1 - p).div_(1 - p)
-            grow = pack.buckets[-1].width - pack.width
-            if grow > 0:  # slots past the padded width hold padding: their weight is 0 anyway
-                noise = F.pad(noise, (0, grow, 0, grow))
-            blocks = [noise[bk.members.to(dev), :, :nq, :bk.width] for bk, nq in zip(pack.buckets, queries)]
+            blocks = _attention_noise(pack, H, p, first_only, dev)
         sizes = [len(bk.members) * bk.width for bk in pack.buckets]
         slots = pack.slots.to(dev)
         ks, vs = (t.index_select(0, slots).split(sizes) for t in (k, v))
@@ -328,13 +447,12 @@ class PackedEncoder:
         lay = self.layers[len(self.layers) - 1]
         att, so = lay.attention.self, lay.attention.output
         first = x[pack.firsts.to(x.device)]
-        rows = pack.first_noise_rows
-        ctx = self.attention(linear(att.query, first, pack, rows), linear(att.key, x, pack), linear(att.value, x, pack),
+        ctx = self.attention(linear(att.query, first, pack, True), linear(att.key, x, pack), linear(att.value, x, pack),
                              att, pack, first_only=True)
-        a = so.LayerNorm(dropout(linear(so.dense, ctx, pack), so.dropout, pack, rows) + first)
-        inter = lay.intermediate.intermediate_act_fn(linear(lay.intermediate.dense, a, pack))
+        a = so.LayerNorm(dropout(linear(so.dense, ctx, pack, True), so.dropout, pack, True) + first)
+        inter = lay.intermediate.intermediate_act_fn(linear(lay.intermediate.dense, a, pack, True))
         out = lay.output
-        return out.LayerNorm(dropout(linear(out.dense, inter, pack), out.dropout, pack, rows) + a)
+        return out.LayerNorm(dropout(linear(out.dense, inter, pack, True), out.dropout, pack, True) + a)
 
     def layers_forward(self, x: torch.Tensor, pack: Pack, start: int, stop: int) -> torch.Tensor:
         """Layers start..stop-1 on packed rows."""
@@ -346,11 +464,23 @@ class PackedEncoder:
         """Layers start..L-1 on packed rows -> the first token's final hidden state, [B, h]."""
         return self.top_layer(self.layers_forward(x, pack, start, len(self.layers) - 1), pack)
 
-    def head(self, first: torch.Tensor) -> torch.Tensor:
-        """Logits from the first token's final hidden state [B, h], as the plain forward."""
+    def head(self, first: torch.Tensor, pack: Pack | None = None) -> torch.Tensor:
+        """Logits from the first token's final hidden state [B, h], as the plain forward; for
+        joined batches, each device's with its own head parameters and dropout stream."""
+        if pack is None or pack.parts is None:
+            return self._head(first, self.model.classifier)
+        cls = self.model.classifier
+        out, start = [], 0
+        for k, (p, ad) in enumerate(zip(pack.parts, pack.adapters)):
+            rows = first[start:start + p.batch]
+            out.append(pack.drawing(k, lambda: self._head(rows, lambda h: torch.func.functional_call(cls, ad.head, (h,)))))
+            start += p.batch
+        return torch.cat(out)
+
+    def _head(self, first: torch.Tensor, classifier) -> torch.Tensor:
         if self.kind == "bert":
-            return self.model.classifier(self.model.dropout(self.pooler(first[:, None, :])))
-        return self.model.classifier(first[:, None, :])
+            return classifier(self.model.dropout(self.pooler(first[:, None, :])))
+        return classifier(first[:, None, :])
 
     def logits(self, input_ids: torch.Tensor, pack: Pack) -> torch.Tensor:
-        return self.head(self.encode(self.embed(input_ids, pack), pack))
+        return self.head(self.encode(self.embed(input_ids, pack), pack), pack)

@@ -73,11 +73,11 @@ def _serve(sim, conn, cache_mb: float) -> None:
                 for target, keys, boundary in helps:  # first: another worker waits for these
                     conn.send_bytes(pickle.dumps(_help(sim.model, sim.work.ids, target, keys, boundary)))
                 got: set[int] = set()
-                reply = (True, _timed(sim.model, jobs, lambda job: local.run(rnd, [job])[0],
-                                      lambda i: _receive(conn, sim.model.prefix, needs[i], got)))
+                reply = (True, _timed(sim.model, jobs, lambda js: local.run(rnd, js),
+                                      lambda i: _receive(conn, sim.model.prefix, needs[i], got), local.groups(jobs)))
             else:  # ("eval", payload, ranks, batches)
                 sim.model.load(msg[1], msg[2], ())
-                reply = (True, _timed(sim.model, msg[3], lambda b: batch_scores(sim.model, [b])[0]))
+                reply = (True, _timed(sim.model, msg[3], lambda bs: batch_scores(sim.model, bs)))
         except Exception:  # noqa: BLE001 - reported to the parent, which raises it
             reply = (False, traceback.format_exc())
         conn.send_bytes(pickle.dumps(reply))
@@ -107,16 +107,21 @@ def _receive(conn, cache, keys: list[int], got: set[int]) -> None:
                     cache.put(k, r)
 
 
-def _timed(model, items: list, work, before=None) -> tuple[list, list[tuple[float, float]]]:
-    """work(item) for each item, with (seconds, of which filling the prefix cache) for each;
-    `before(i)` runs first, untimed."""
-    out, secs = [], []
-    for i, item in enumerate(items):
+def _timed(model, items: list, work, before=None, groups: list[list[int]] | None = None) -> tuple[list, list[tuple[float, float]]]:
+    """work(list of items) -> their outputs, for each group of items (`groups`: indices; default
+    one by one), with (seconds, of which filling the prefix cache) for each item (a group's
+    shared equally: only sums over items are used); `before(i)` runs first, untimed."""
+    out, secs = [None] * len(items), [(0.0, 0.0)] * len(items)
+    for g in groups or [[i] for i in range(len(items))]:
         if before is not None:
-            before(i)
+            for i in g:
+                before(i)
         t, p = time.perf_counter(), model.prefix_seconds
-        out.append(work(item))
-        secs.append((time.perf_counter() - t, model.prefix_seconds - p))
+        for i, o in zip(g, work([items[i] for i in g])):
+            out[i] = o
+        share = ((time.perf_counter() - t) / len(g), (model.prefix_seconds - p) / len(g))
+        for i in g:
+            secs[i] = share
     return out, secs
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hierfedlora import packed
 from hierfedlora.clock import step_flops
 from hierfedlora.data import collate
 from hierfedlora.lora_state import State
@@ -67,6 +68,43 @@ def local_train(model: LocalModel, payload: State, plan: DevicePlan, batches: li
     return model.extract(plan.train_layers, plan.ranks), total / max(1, len(batches))
 
 
+def local_train_joined(model: LocalModel, items: list[tuple[State, DevicePlan, list[dict[str, torch.Tensor]], int]],
+                       lr: float, weight_decay: float) -> list[tuple[State, float]]:
+    """`local_train` for several devices of the same plan shape at once, each item (payload, plan,
+    batches, seed): one forward and one backward per step for all of them (`LocalModel.logits_joined`),
+    each device with its own factors, head, optimiser and dropout stream, so each gets exactly what
+    `local_train` gives it alone (tests/test_speed.py checks bit for bit)."""
+    payload, plan, _, _ = items[0]
+    model.load(payload, plan.ranks, plan.train_layers)  # the scales and which layers train
+    model.train_mode(min(plan.train_layers) if plan.train_layers else model.num_layers)
+    adapters = [model.adapter(p, plan.ranks, plan.train_layers) for p, _, _, _ in items]
+    opts = [torch.optim.AdamW([t for t in ad.parameters() if t.requires_grad], lr=lr, weight_decay=weight_decay)
+            for ad in adapters]
+    model.warm_prefix([b for _, _, batches, _ in items for b in batches])
+    rng = []
+    for _, _, _, seed in items:
+        torch.manual_seed(seed)
+        rng.append(torch.get_rng_state())
+    totals = [0.0] * len(items)
+    for step in range(len(items[0][2])):
+        batches = [batches[step] for _, _, batches, _ in items]
+        logits = model.logits_joined(batches, adapters, rng)
+        loss, start = None, 0
+        for k, b in enumerate(batches):
+            n = len(b["labels"])
+            lk = F.cross_entropy(logits[start:start + n], b["labels"].to(model.device))
+            totals[k] += float(lk.detach())
+            loss = lk if loss is None else loss + lk
+            start += n
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in opts:
+            opt.step()
+    return [(model.extract_adapter(ad, plan.train_layers, plan.ranks), t / max(1, len(items[0][2])))
+            for ad, t in zip(adapters, totals)]
+
+
 def make_batches(ids: list[np.ndarray], labels: np.ndarray, picks: list[np.ndarray], pad_id: int) -> list[dict[str, torch.Tensor]]:
     """Padded batches; `index` names each example (its position in `ids`) for the prefix cache."""
     return [{**collate([ids[i] for i in p], labels[p], pad_id), "index": torch.as_tensor(p)} for p in picks]
@@ -118,6 +156,58 @@ class JobOutput:
     num_examples: int
 
 
+def joinable(model: LocalModel, plans: list[DevicePlan], sizes: list[int], batch_size: int) -> bool:
+    """Whether these jobs can train together (`local_train_joined`): the same layers, ranks and
+    steps, no method-specific options, and batches no smaller than the products' MIN_ROWS
+    (`sizes`: each device's examples), so every product has the shape it has alone."""
+    p = plans[0]
+    same = all(q.ranks == p.ranks and q.train_layers == p.train_layers and q.steps == p.steps and not q.extra
+               for q in plans)
+    return same and model.joinable() and min(min(batch_size, n) for n in sizes) >= packed.MIN_ROWS
+
+
+def lockstep_groups(model: LocalModel, plans: list[DevicePlan], sizes: list[int], batch_size: int,
+                    lockstep: int) -> list[list[int]]:
+    """Consecutive jobs that train together, at most `lockstep` at a time (indices into `plans`)."""
+    groups: list[list[int]] = []
+    for i, plan in enumerate(plans):
+        g = groups[-1] if groups else None
+        if g and len(g) < lockstep and joinable(model, [plans[j] for j in g] + [plan], [sizes[j] for j in g] + [sizes[i]], batch_size):
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def run_jobs(model: LocalModel, jobs: list[tuple[DeviceData, State, DevicePlan, int]], *, seed: int, rnd: int,
+             batch_size: int, lr: float, weight_decay: float, backward_ratio: float, lockstep: int = 1) -> list[JobOutput]:
+    """`run_job` for each (data, payload, plan, call), up to `lockstep` devices at a time trained
+    together where their plans allow it (`lockstep_groups`): the same outputs, fewer operations."""
+    groups = lockstep_groups(model, [j[2] for j in jobs], [len(j[0].positions) for j in jobs], batch_size, lockstep)
+    out: list[JobOutput | None] = [None] * len(jobs)
+    for g in groups:
+        if len(g) == 1:
+            data, payload, plan, call = jobs[g[0]]
+            out[g[0]] = run_job(model, data, payload, plan, seed=seed, rnd=rnd, call=call, batch_size=batch_size, lr=lr,
+                                weight_decay=weight_decay, backward_ratio=backward_ratio)
+            continue
+        items, flops = [], []
+        for i in g:
+            data, payload, plan, call = jobs[i]
+            picks = job_picks(data.positions, plan, seed=seed, rnd=rnd, call=call, batch_size=batch_size)
+            items.append((payload, plan, make_batches(data.ids, data.labels, picks, data.pad_id),
+                          torch_seed((seed, 5005, rnd, plan.device, call))))
+            flops.append(_job_flops(model, data, plan, picks, backward_ratio))
+        for i, (update, loss), f in zip(g, local_train_joined(model, items, lr, weight_decay), flops):
+            out[i] = JobOutput(update, loss, f, len(jobs[i][0].positions))
+    return out
+
+
+def _job_flops(model: LocalModel, data: DeviceData, plan: DevicePlan, picks: list[np.ndarray], backward_ratio: float) -> float:
+    return sum(step_flops(model.cost, [len(data.ids[i]) for i in p], model.num_layers, len(plan.train_layers),
+                          backward_ratio) for p in picks)
+
+
 def run_job(model: LocalModel, data: DeviceData, payload: State, plan: DevicePlan, *, seed: int, rnd: int,
             call: int, batch_size: int, lr: float, weight_decay: float, backward_ratio: float) -> JobOutput:
     """Everything a device does for one plan; the simulator and a Flower SuperNode both call this.
@@ -127,8 +217,7 @@ def run_job(model: LocalModel, data: DeviceData, payload: State, plan: DevicePla
     """
     picks = job_picks(data.positions, plan, seed=seed, rnd=rnd, call=call, batch_size=batch_size)
     batches = make_batches(data.ids, data.labels, picks, data.pad_id)
-    flops = sum(step_flops(model.cost, [len(data.ids[i]) for i in p], model.num_layers, len(plan.train_layers),
-                           backward_ratio) for p in picks)
+    flops = _job_flops(model, data, plan, picks, backward_ratio)
     update, loss = local_train(model, payload, plan, batches, lr, weight_decay,
                                torch_seed((seed, 5005, rnd, plan.device, call)))
     return JobOutput(update, loss, flops, len(data.positions))
