@@ -187,8 +187,8 @@ def test_devices_trained_together_get_exactly_what_they_get_alone(tiny_cfg, meth
         plan = DevicePlan(d, sim.global_ranks, layers, 3)
         jobs.append((DeviceData(w.ids, w.labels, w.parts[d], w.pad_id), to_device(state, plan.ranks, sim.global_ranks), plan, 0))
     kw = dict(seed=0, rnd=1, batch_size=16, lr=2e-2, weight_decay=0.01, backward_ratio=1.0)
-    assert lockstep_groups(m, [j[2] for j in jobs], [len(j[0].positions) for j in jobs], 16, 3) == [[0, 1, 2], [3]]
-    together = run_jobs(m, jobs, lockstep=3, **kw)
+    assert lockstep_groups(m, [j[2] for j in jobs[:3]], [len(j[0].positions) for j in jobs], 16, 3) == [[0, 1, 2]]
+    together = run_jobs(m, jobs[:3], lockstep=3, **kw) + run_jobs(m, jobs[3:], lockstep=3, **kw)
     alone = [run_jobs(m, [j], **kw)[0] for j in jobs]
     for a, t in zip(alone, together):
         assert a.train_loss == t.train_loss and a.flops == t.flops
@@ -207,6 +207,9 @@ def test_only_jobs_of_one_plan_shape_train_together():
     assert lockstep_groups(m, plans, [40] * 6, 16, 4) == [[0, 1], [2, 3], [4], [5]]
     assert lockstep_groups(m, plans[:4], [40, 40, 40, 12], 16, 4) == [[0, 1], [2], [3]]  # a batch under MIN_ROWS
     assert lockstep_groups(m, plans[:2], [40, 40], 16, 1) == [[0], [1]]
+    ten = [DevicePlan(i, r, (3,), 3) for i in range(10)]
+    assert lockstep_groups(m, ten, [40] * 10, 16, 8) == [list(range(5)), list(range(5, 10))]  # even, not 8 + 2
+    assert lockstep_groups(m, ten[:7], [40] * 7, 16, 3) == [[0, 1], [2, 3], [4, 5, 6]]
 
 
 def test_cache_is_refused_or_invalidated_when_its_assumption_breaks():

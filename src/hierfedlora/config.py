@@ -85,7 +85,7 @@ class TrainConfig(_Section):
     prefix_cache: bool = Field(True, description="Compute layers below the lowest trainable layer once per example and reuse them (same results).")
     cache_memory_mb: int = Field(1024, ge=0, description="RAM for the prefix cache; the rest spills to a temporary file.")
     workers: int = Field(1, ge=0, description="Processes that run device jobs (0 = one per CPU core); same results, faster on multi-core CPUs.")
-    lockstep: int = Field(4, ge=1, description="Devices of the same plan shape trained together in one forward and backward per step (1 = one at a time); same results, fewer operations.")
+    lockstep: int = Field(8, ge=1, description="Devices of the same plan shape trained together in one forward and backward per step (1 = one at a time); same results, fewer operations.")
 
 
 class RunConfig(_Section):

@@ -50,7 +50,6 @@ class Bucket:
     members: torch.Tensor  # [G] batch positions
     lengths: list[int]  # [G] real tokens of each
     key_mask: torch.Tensor  # [G, 1, 1, width]: 0 for a real key, -inf for padding
-    real: torch.Tensor  # [tokens] positions of the real tokens in the flattened [G * width] slots
 
 
 @dataclass
@@ -66,16 +65,18 @@ class Pack:
     rows: torch.Tensor  # [T] each packed token's index in the padded input, flattened [B*W]
     noise_rows: torch.Tensor  # [T] each packed token's index in a flattened [B*width] mask
     firsts: torch.Tensor  # [B] packed row of each example's first token, in batch order
-    unorder: torch.Tensor  # [B] each example's place in packed order (inverse of the sort)
-    order: torch.Tensor  # [B] batch position of each example in packed order
+    unorder: torch.Tensor  # [B] each example's place in bucket order (inverse of `order`)
+    order: torch.Tensor  # [B] batch position of each example in bucket order (the buckets' members end to end)
     groups: list[tuple[int, int, int, torch.Tensor]]
     buckets: list[Bucket]
     slots: torch.Tensor  # packed row behind every bucket slot, buckets concatenated (padding: the example's first row)
+    gather: torch.Tensor  # [T] the bucket slot (buckets concatenated) of each packed row
     # Several devices' batches trained together (`join`): each one's own pack, in order, with its
     # LoRA factors and head (`Adapter`) and its dropout generator state; None for one batch.
     parts: list[Pack] | None = None
     adapters: list[Adapter] | None = None
     rng: list[torch.Tensor] | None = None
+    sources: list[list[tuple[int, int]]] | None = None  # joined: the (part, its bucket) behind each bucket
 
     _runs: dict = field(default_factory=dict, repr=False)
 
@@ -141,8 +142,22 @@ def make_pack(attention_mask: torch.Tensor, width: int | None = None) -> Pack:
     order_t = t(order.astype(np.int64))
     groups = [(int(ls[i]), int(starts[i]), int(starts[i] + ls[i] * (j - i)), order_t[i:j]) for i, j in _runs_of(ls)]
     buckets, slots = _buckets(ls, starts, order_t)
-    return Pack(B, width, t(example * W + pos), t(example * width + pos), t(starts[unorder]), t(unorder), order_t,
-                groups, buckets, slots)
+    firsts = starts[unorder]
+    return Pack(B, width, t(example * W + pos), t(example * width + pos), t(firsts), t(unorder), order_t,
+                groups, buckets, slots, _gather(buckets, firsts))
+
+
+def _gather(buckets: list[Bucket], firsts: np.ndarray) -> torch.Tensor:
+    """For each packed row, its slot in the buckets' [G * width] slots laid end to end (`firsts`:
+    packed row of each example's first token, batch order)."""
+    e = np.concatenate([bk.members.numpy() for bk in buckets])
+    n = np.array([x for bk in buckets for x in bk.lengths])
+    w = np.concatenate([np.full(len(bk.members), bk.width) for bk in buckets])
+    base = np.cumsum(w) - w  # each example's first slot
+    t = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+    out = np.empty(len(t), dtype=np.int64)
+    out[np.repeat(firsts[e], n) + t] = np.repeat(base, n) + t
+    return torch.from_numpy(out)
 
 
 @dataclass
@@ -159,19 +174,33 @@ class Adapter:
 
 def join(packs: list[Pack], adapters: list[Adapter], rng: list[torch.Tensor]) -> Pack:
     """Several devices' batches as one: their packed rows end to end (device by device), so every
-    frozen product, layer norm and activation runs once for all of them, while each device keeps
-    its own LoRA factors, head and dropout stream (`rng`: generator states, updated as they draw).
-    Rows do not depend on their batch-mates (see top), so each device gets what it would alone."""
+    frozen product, layer norm and activation runs once for all of them, and attention runs one
+    product per width for all of them, while each device keeps its own LoRA factors, head and
+    dropout stream (`rng`: generator states, updated as they draw). Rows and attention do not
+    depend on their batch-mates (see top), so each device gets what it would alone."""
     rows = np.cumsum([0] + [len(p.noise_rows) for p in packs])
     ex = np.cumsum([0] + [p.batch for p in packs])
-    cat = torch.cat
-    buckets = [Bucket(bk.width, bk.members + int(e), bk.lengths, bk.key_mask, bk.real)
-               for p, e in zip(packs, ex) for bk in p.buckets]
+    pieces: dict[int, list] = {}  # width -> (part, its bucket, bucket, slots) of every part
+    for k, p in enumerate(packs):
+        slots = p.slots.split([len(bk.members) * bk.width for bk in p.buckets])
+        for j, (bk, sl) in enumerate(zip(p.buckets, slots)):
+            pieces.setdefault(bk.width, []).append((k, j, bk, sl + int(rows[k])))
+    buckets, slots, sources = [], [], []
+    for width in sorted(pieces):
+        ps = pieces[width]
+        buckets.append(Bucket(width, torch.cat([bk.members + int(ex[k]) for k, _, bk, _ in ps]),
+                              [n for _, _, bk, _ in ps for n in bk.lengths], torch.cat([bk.key_mask for _, _, bk, _ in ps])))
+        slots += [sl for _, _, _, sl in ps]
+        sources.append([(k, j) for k, j, _, _ in ps])
+    order = torch.cat([bk.members for bk in buckets])
+    unorder = torch.empty_like(order)
+    unorder[order] = torch.arange(len(order))
+    firsts = torch.cat([p.firsts + int(r) for p, r in zip(packs, rows)])
     groups = [(n, a + int(r), b + int(r), m + int(e)) for p, r, e in zip(packs, rows, ex) for n, a, b, m in p.groups]
+    cat = torch.cat
     return Pack(int(ex[-1]), max(p.width for p in packs), cat([p.rows for p in packs]), cat([p.noise_rows for p in packs]),
-                cat([p.firsts + int(r) for p, r in zip(packs, rows)]), cat([p.unorder + int(e) for p, e in zip(packs, ex)]),
-                cat([p.order + int(e) for p, e in zip(packs, ex)]), groups, buckets,
-                cat([p.slots + int(r) for p, r in zip(packs, rows)]), list(packs), list(adapters), rng)
+                firsts, unorder, order, groups, buckets, cat(slots), _gather(buckets, firsts.numpy()),
+                list(packs), list(adapters), rng, sources)
 
 
 def _runs_of(values: np.ndarray) -> list[tuple[int, int]]:
@@ -190,7 +219,7 @@ def _buckets(ls: np.ndarray, starts: np.ndarray, order: torch.Tensor) -> tuple[l
         real = t[None, :] < ls[i:j, None]  # [G, wb]
         slots.append(np.where(real, starts[i:j, None] + t, starts[i:j, None]).reshape(-1))
         key_mask = torch.from_numpy(np.where(real, 0.0, -np.inf).astype(np.float32)[:, None, None, :])
-        buckets.append(Bucket(wb, order[i:j], ls[i:j].tolist(), key_mask, torch.from_numpy(np.flatnonzero(real))))
+        buckets.append(Bucket(wb, order[i:j], ls[i:j].tolist(), key_mask))
     return buckets, torch.from_numpy(np.concatenate(slots).astype(np.int64))
 
 
@@ -403,14 +432,16 @@ class PackedEncoder:
         dev = q.device
         blocks = None  # attention dropout (see _attention_noise)
         if p > 0 and pack.parts is not None:  # each device's blocks from its own stream
-            blocks = [b for k, part in enumerate(pack.parts)
-                      for b in pack.drawing(k, lambda: _attention_noise(part, H, p, first_only, dev))]
+            drawn = [pack.drawing(k, lambda: _attention_noise(part, H, p, first_only, dev))
+                     for k, part in enumerate(pack.parts)]
+            blocks = [torch.cat([drawn[k][j] for k, j in src]) if len(src) > 1 else drawn[src[0][0]][src[0][1]]
+                      for src in pack.sources]
         elif p > 0:
             blocks = _attention_noise(pack, H, p, first_only, dev)
         sizes = [len(bk.members) * bk.width for bk in pack.buckets]
         slots = pack.slots.to(dev)
         ks, vs = (t.index_select(0, slots).split(sizes) for t in (k, v))
-        if first_only:  # batch order -> packed order, one query per example
+        if first_only:  # batch order -> bucket order, one query per example
             qs = q.index_select(0, pack.order.to(dev)).split([len(bk.members) for bk in pack.buckets])
         else:
             qs = q.index_select(0, slots).split(sizes)
@@ -425,10 +456,9 @@ class PackedEncoder:
             w = torch.softmax(qg @ kg.transpose(-1, -2) * att.scaling + bk.key_mask.to(dev), dim=-1)
             if blocks is not None:
                 w = w * blocks[j]
-            o = (w @ vg).transpose(1, 2).reshape(-1, H * d)
-            out.append(o if first_only else o.index_select(0, bk.real.to(dev)))
-        ctx = torch.cat(out) if len(out) > 1 else out[0]
-        return ctx.index_select(0, pack.unorder.to(dev)) if first_only else ctx
+            out.append((w @ vg).transpose(1, 2).reshape(-1, H * d))
+        ctx = torch.cat(out) if len(out) > 1 else out[0]  # bucket order; every slot (first_only: example)
+        return ctx.index_select(0, (pack.unorder if first_only else pack.gather).to(dev))
 
     def layer(self, i: int, x: torch.Tensor, pack: Pack) -> torch.Tensor:
         """BertLayer.forward on packed rows: attention, add & norm, MLP, add & norm."""

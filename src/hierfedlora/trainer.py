@@ -168,14 +168,21 @@ def joinable(model: LocalModel, plans: list[DevicePlan], sizes: list[int], batch
 
 def lockstep_groups(model: LocalModel, plans: list[DevicePlan], sizes: list[int], batch_size: int,
                     lockstep: int) -> list[list[int]]:
-    """Consecutive jobs that train together, at most `lockstep` at a time (indices into `plans`)."""
-    groups: list[list[int]] = []
+    """Consecutive jobs that train together (indices into `plans`): each run of jobs that can,
+    cut into the fewest groups of at most `lockstep`, as even as possible (10 jobs and lockstep 8:
+    5 and 5, not 8 and 2)."""
+    runs: list[list[int]] = []
     for i, plan in enumerate(plans):
-        g = groups[-1] if groups else None
-        if g and len(g) < lockstep and joinable(model, [plans[j] for j in g] + [plan], [sizes[j] for j in g] + [sizes[i]], batch_size):
-            g.append(i)
+        r = runs[-1] if runs else None
+        if r and joinable(model, [plans[r[0]], plan], [sizes[r[0]], sizes[i]], batch_size):
+            r.append(i)
         else:
-            groups.append([i])
+            runs.append([i])
+    groups = []
+    for r in runs:
+        m = -(-len(r) // lockstep)
+        cuts = [len(r) * j // m for j in range(m + 1)]
+        groups += [r[a:b] for a, b in zip(cuts, cuts[1:])]
     return groups
 
 
