@@ -25,7 +25,7 @@ PARTS = [
     ("frozen prefix (first sight of an example)", "LocalModel._compute_prefix"),
     ("  of which before a job's first step (warm_prefix)", "LocalModel.warm_prefix"),
     ("evaluation", "batch_scores (hierfedlora/trainer.py"),
-    ("device jobs (local_train: warm_prefix and steps)", "local_train (hierfedlora/trainer.py"),
+    ("device jobs (local_train: warm_prefix and steps)", "local_train (hierfedlora/trainer.py|local_train_joined (hierfedlora/trainer.py"),
     ("set-up (model, data)", "Simulation.__init__"),
     ("packing, collation, cache lookups", "make_pack|collate (hierfedlora/data.py|PrefixCache"),
 ]
