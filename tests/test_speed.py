@@ -172,20 +172,28 @@ def test_engine_job_equals_a_plain_loop_padded_to_max_length(tiny_cfg):
     assert err <= 1e-2 * update
 
 
-@pytest.mark.parametrize("method", [{"method.name": "fedlora_topk", "method.depth": 2},  # cached, top layers
-                                    {"method.name": "fedlora", "model.lora_dropout": 0.1}])  # every layer, LoRA dropout
-def test_devices_trained_together_get_exactly_what_they_get_alone(tiny_cfg, method):
+TOPK = {"method.name": "fedlora_topk", "method.depth": 2}
+
+
+@pytest.mark.parametrize("method,below", [(TOPK, False),  # top layers, the cache below them
+                                          (TOPK, True),  # device 1's LoRA below the cache is not zero
+                                          ({"method.name": "fedlora", "model.lora_dropout": 0.1}, False)])  # all, LoRA dropout
+def test_devices_trained_together_get_exactly_what_they_get_alone(tiny_cfg, method, below):
+    from hierfedlora.lora_state import layer_of
     from hierfedlora.trainer import lockstep_groups, run_jobs
 
     sim = Simulation(tiny_cfg(**method, **{"train.batch_size": 16, "train.local_steps": 3}))
     m, w = sim.model, sim.work
     layers = tuple(sorted(sim.strategy.layers)) if hasattr(sim.strategy, "layers") else tuple(range(m.num_layers))
+    ranks = {l: 4 for l in range(m.num_layers)}  # LoRA everywhere, zero where nothing trains
+    start = m.init_state(ranks)
     g = torch.Generator().manual_seed(1)
     jobs = []
     for d in range(4):  # each device from its own state (as after some training), so their factors differ
-        state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in sim.state.items()}
-        plan = DevicePlan(d, sim.global_ranks, layers, 3)
-        jobs.append((DeviceData(w.ids, w.labels, w.parts[d], w.pad_id), to_device(state, plan.ranks, sim.global_ranks), plan, 0))
+        moved = [k for k in start if layer_of(k) is None or layer_of(k) in layers or (below and d == 1)]
+        state = {k: v + 0.05 * torch.randn(v.shape, generator=g) if k in moved else v for k, v in start.items()}
+        plan = DevicePlan(d, ranks, layers, 3)
+        jobs.append((DeviceData(w.ids, w.labels, w.parts[d], w.pad_id), to_device(state, ranks, ranks), plan, 0))
     kw = dict(seed=0, rnd=1, batch_size=16, lr=2e-2, weight_decay=0.01, backward_ratio=1.0)
     assert lockstep_groups(m, [j[2] for j in jobs[:3]], [len(j[0].positions) for j in jobs], 16, 3) == [[0, 1, 2]]
     together = run_jobs(m, jobs[:3], lockstep=3, **kw) + run_jobs(m, jobs[3:], lockstep=3, **kw)
@@ -195,6 +203,8 @@ def test_devices_trained_together_get_exactly_what_they_get_alone(tiny_cfg, meth
         assert a.update.keys() == t.update.keys()
         assert all(torch.equal(a.update[k], t.update[k]) for k in a.update), [k for k in a.update if not torch.equal(a.update[k], t.update[k])]
     assert not torch.equal(alone[0].update["head.classifier.weight"], alone[1].update["head.classifier.weight"])
+    if method is TOPK:
+        assert m.prefix is not None and len(m.prefix) > 0  # the cached path ran
 
 
 def test_only_jobs_of_one_plan_shape_train_together():

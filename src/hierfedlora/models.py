@@ -421,10 +421,19 @@ class LocalModel:
         return out
 
     # -- several devices at once (see packed.join) -----------------------------------------
-    def adapter(self, payload: State, ranks: dict[int, int], train_layers: tuple[int, ...] | list[int] = ()) -> packed.Adapter:
-        """A device's LoRA factors and head as `load` would set them, in tensors of their own (that
-        train where `load` would train them); `load` a payload of the same plan first (scales)."""
-        trained, lora = set(train_layers), {}
+    def load_joined(self, payloads: list[State], ranks: dict[int, int], train_layers: tuple[int, ...] | list[int]) -> list[packed.Adapter]:
+        """Take on several devices' payloads of one plan: the scales and modes of `load`, each
+        device's factors and head in an `Adapter`; the prefix cache serves them only if it may
+        serve every one of them."""
+        self.load(payloads[0], ranks, train_layers)
+        trained = set(train_layers)
+        self._prefix_on = self._prefix_on and all(self._prefix_valid(p, ranks, trained) for p in payloads[1:])
+        return [self._adapter(p, ranks, trained) for p in payloads]
+
+    def _adapter(self, payload: State, ranks: dict[int, int], trained: set[int]) -> packed.Adapter:
+        """A device's LoRA factors and head as `load` sets them, in tensors of their own that train
+        where `load` would train them."""
+        lora = {}
         with torch.no_grad():
             for (layer, sub), mod in self.lora.items():
                 a, b = torch.zeros_like(mod.lora_A["default"].weight), torch.zeros_like(mod.lora_B["default"].weight)

@@ -74,10 +74,9 @@ def local_train_joined(model: LocalModel, items: list[tuple[State, DevicePlan, l
     batches, seed): one forward and one backward per step for all of them (`LocalModel.logits_joined`),
     each device with its own factors, head, optimiser and dropout stream, so each gets exactly what
     `local_train` gives it alone (tests/test_speed.py checks bit for bit)."""
-    payload, plan, _, _ = items[0]
-    model.load(payload, plan.ranks, plan.train_layers)  # the scales and which layers train
+    plan = items[0][1]
+    adapters = model.load_joined([payload for payload, _, _, _ in items], plan.ranks, plan.train_layers)
     model.train_mode(min(plan.train_layers) if plan.train_layers else model.num_layers)
-    adapters = [model.adapter(p, plan.ranks, plan.train_layers) for p, _, _, _ in items]
     opts = [torch.optim.AdamW([t for t in ad.parameters() if t.requires_grad], lr=lr, weight_decay=weight_decay)
             for ad in adapters]
     model.warm_prefix([b for _, _, batches, _ in items for b in batches])
