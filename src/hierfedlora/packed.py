@@ -19,6 +19,10 @@ Two properties make results independent of how batches are laid out:
   which the BLAS picks other kernels), and attention sees only the example's own tokens, padded to
   a width its own length decides; so the frozen-prefix cache (`prefix_cache`) stores exactly what
   an uncached forward would compute.
+
+The same two properties let several devices train together (`join`, `train.lockstep`): their
+batches run as one, each device with its own LoRA factors, head and dropout stream, and each gets
+bit for bit what it gets alone, with one set of products and attention calls for all of them.
 """
 
 from __future__ import annotations
