@@ -203,6 +203,18 @@ class Layout:
         return n
 
 
+def _put_factors(a: torch.Tensor, b: torch.Tensor, payload: State, layer: int, sub: str, r: int, trains: bool) -> None:
+    """A device's rank-r LoRA slots of one module into the physical-rank factors (the rest zero),
+    trainable if the layer trains (call without gradients)."""
+    a.zero_()
+    b.zero_()
+    if r > 0:
+        a[:r] = payload[lora_key(layer, sub, "A")]
+        b[:, :r] = payload[lora_key(layer, sub, "B")]
+    a.requires_grad_(trains and r > 0)
+    b.requires_grad_(trains and r > 0)
+
+
 class LocalModel:
     """A PEFT model that can take on any device's plan (see module docstring).
 
@@ -285,19 +297,9 @@ class LocalModel:
         """Take on a device's plan: its LoRA slots (device convention), scales, and what trains."""
         trained = set(train_layers)
         for (layer, sub), mod in self.lora.items():
-            a, b = mod.lora_A["default"].weight, mod.lora_B["default"].weight
             r = ranks.get(layer, 0)
-            a.zero_()
-            b.zero_()
-            if r > 0:
-                a[:r] = payload[lora_key(layer, sub, "A")]
-                b[:, :r] = payload[lora_key(layer, sub, "B")]
-                mod.scaling["default"] = self.alpha / r
-            else:
-                mod.scaling["default"] = 0.0
-            on = layer in trained and r > 0
-            a.requires_grad_(on)
-            b.requires_grad_(on)
+            _put_factors(mod.lora_A["default"].weight, mod.lora_B["default"].weight, payload, layer, sub, r, layer in trained)
+            mod.scaling["default"] = self.alpha / r if r > 0 else 0.0
         for k, p in self.head.items():
             p.copy_(payload[k])
             p.requires_grad_(train_head)
@@ -407,17 +409,20 @@ class LocalModel:
         order = [keys[i] for n, a, b, members in pack.groups for i in members.tolist()]
         return torch.from_numpy(self.prefix.get(order)).to(self.device)
 
-    def extract(self, layers: list[int] | tuple[int, ...], ranks: dict[int, int], head: bool = True) -> State:
-        """The device's current tensors of the given layers (device convention, rank r) and the head."""
+    def extract(self, layers: list[int] | tuple[int, ...], ranks: dict[int, int], head: bool = True,
+                adapter: packed.Adapter | None = None) -> State:
+        """The device's current tensors of the given layers (device convention, rank r) and the head
+        (of a device trained together with others: its `adapter`)."""
         out: State = {}
         for (layer, sub), mod in sorted(self.lora.items()):
             if layer in layers and ranks.get(layer, 0) > 0:
                 r = ranks[layer]
-                out[lora_key(layer, sub, "A")] = mod.lora_A["default"].weight.detach()[:r].cpu().clone()
-                out[lora_key(layer, sub, "B")] = mod.lora_B["default"].weight.detach()[:, :r].cpu().clone()
+                a, b = adapter.lora[mod] if adapter else (mod.lora_A["default"].weight, mod.lora_B["default"].weight)
+                out[lora_key(layer, sub, "A")] = a.detach()[:r].cpu().clone()
+                out[lora_key(layer, sub, "B")] = b.detach()[:, :r].cpu().clone()
         if head:
             for k, p in self.head.items():
-                out[k] = p.detach().cpu().clone()
+                out[k] = (adapter.head[self._head_name(k)] if adapter else p).detach().cpu().clone()
         return out
 
     # -- several devices at once (see packed.join) -----------------------------------------
@@ -436,13 +441,9 @@ class LocalModel:
         lora = {}
         with torch.no_grad():
             for (layer, sub), mod in self.lora.items():
-                a, b = torch.zeros_like(mod.lora_A["default"].weight), torch.zeros_like(mod.lora_B["default"].weight)
-                r = ranks.get(layer, 0)
-                if r > 0:
-                    a[:r] = payload[lora_key(layer, sub, "A")]
-                    b[:, :r] = payload[lora_key(layer, sub, "B")]
-                on = layer in trained and r > 0
-                lora[mod] = (a.requires_grad_(on), b.requires_grad_(on))
+                ab = torch.empty_like(mod.lora_A["default"].weight), torch.empty_like(mod.lora_B["default"].weight)
+                _put_factors(*ab, payload, layer, sub, ranks.get(layer, 0), layer in trained)
+                lora[mod] = ab
             head = {self._head_name(k): payload[k].to(self.device, copy=True).requires_grad_(True) for k in self.head}
         return packed.Adapter(lora, head)
 
@@ -450,18 +451,6 @@ class LocalModel:
     def _head_name(key: str) -> str:
         """head.classifier.<param> -> its name inside the classifier module (PEFT's wrapper)."""
         return "modules_to_save.default." + key.split(".", 2)[2]
-
-    def extract_adapter(self, ad: packed.Adapter, layers: list[int] | tuple[int, ...], ranks: dict[int, int]) -> State:
-        """`extract` of a device trained as `ad`."""
-        out: State = {}
-        for (layer, sub), mod in sorted(self.lora.items()):
-            if layer in layers and ranks.get(layer, 0) > 0:
-                r, (a, b) = ranks[layer], ad.lora[mod]
-                out[lora_key(layer, sub, "A")] = a.detach()[:r].cpu().clone()
-                out[lora_key(layer, sub, "B")] = b.detach()[:, :r].cpu().clone()
-        for k in self.head:
-            out[k] = ad.head[self._head_name(k)].detach().cpu().clone()
-        return out
 
     def joinable(self) -> bool:
         """Whether devices can train together here (`logits_joined`): the packed forward with the

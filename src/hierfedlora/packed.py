@@ -328,20 +328,28 @@ class _LoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, b, scale):
-        ut = a @ x.t()  # [r, T]
+        out, ut = _lora_forward(x, a, b, scale)
         ctx.save_for_backward(x, a, b, ut)
         ctx.scale = scale
-        return (ut.t() @ b.t()) * scale
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         x, a, b, ut = ctx.saved_tensors
-        g = grad * ctx.scale
-        dut = b.t() @ g.t()  # [r, T]: d(x A^T), transposed
-        dx = dut.t() @ a if ctx.needs_input_grad[0] else None
-        da = dut @ x if ctx.needs_input_grad[1] else None
-        db = (ut @ g).t() if ctx.needs_input_grad[2] else None
-        return dx, da, db, None
+        return (*_lora_backward(grad, x, a, b, ut, ctx.scale, ctx.needs_input_grad[:3]), None)
+
+
+def _lora_forward(x, a, b, scale):
+    """(x A^T) B^T * scale and x A^T, transposed ([r, T]), for the backward."""
+    ut = a @ x.t()
+    return (ut.t() @ b.t()) * scale, ut
+
+
+def _lora_backward(grad, x, a, b, ut, scale, needs):
+    """(dx, dA, dB) of `_lora_forward`, each None unless `needs` says so."""
+    g = grad * scale
+    dut = b.t() @ g.t()  # [r, T]: d(x A^T), transposed
+    return (dut.t() @ a if needs[0] else None, dut @ x if needs[1] else None, (ut @ g).t() if needs[2] else None)
 
 
 class _LoRAParts(torch.autograd.Function):
@@ -354,12 +362,8 @@ class _LoRAParts(torch.autograd.Function):
         out = x.new_empty(len(x), ab[1].shape[0])
         saved, start = [], 0
         for k, n in enumerate(sizes):
-            xk = x[start:start + n]
-            if n < MIN_ROWS:
-                xk = F.pad(xk, (0, 0, 0, MIN_ROWS - n))
-            a, b = ab[2 * k], ab[2 * k + 1]
-            ut = a @ xk.t()
-            out[start:start + n] = ((ut.t() @ b.t()) * scale)[:n]
+            y, ut = _lora_forward(_pad_rows(x[start:start + n]), ab[2 * k], ab[2 * k + 1], scale)
+            out[start:start + n] = y[:n]
             saved.append(ut)
             start += n
         ctx.save_for_backward(x, *ab, *saved)
@@ -368,22 +372,23 @@ class _LoRAParts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        sizes, K = ctx.sizes, len(ctx.sizes)
+        sizes, K, needs = ctx.sizes, len(ctx.sizes), ctx.needs_input_grad
         x, ab, uts = ctx.saved_tensors[0], ctx.saved_tensors[1:1 + 2 * K], ctx.saved_tensors[1 + 2 * K:]
-        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        dx = torch.empty_like(x) if needs[0] else None
         grads, start = [], 0
         for k, n in enumerate(sizes):
-            a, b, ut = ab[2 * k], ab[2 * k + 1], uts[k]
-            xk, g = x[start:start + n], grad[start:start + n] * ctx.scale
-            if n < MIN_ROWS:
-                xk, g = F.pad(xk, (0, 0, 0, MIN_ROWS - n)), F.pad(g, (0, 0, 0, MIN_ROWS - n))
-            dut = b.t() @ g.t()
+            dxk, da, db = _lora_backward(_pad_rows(grad[start:start + n]), _pad_rows(x[start:start + n]), ab[2 * k],
+                                         ab[2 * k + 1], uts[k], ctx.scale, (needs[0], needs[3 + 2 * k], needs[4 + 2 * k]))
             if dx is not None:
-                dx[start:start + n] = (dut.t() @ a)[:n]
-            grads.append(dut @ xk if ctx.needs_input_grad[3 + 2 * k] else None)
-            grads.append((ut @ g).t() if ctx.needs_input_grad[4 + 2 * k] else None)
+                dx[start:start + n] = dxk[:n]
+            grads += [da, db]
             start += n
         return (dx, None, None, *grads)
+
+
+def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+    """t with zero rows appended up to MIN_ROWS (see `linear`)."""
+    return F.pad(t, (0, 0, 0, MIN_ROWS - len(t))) if len(t) < MIN_ROWS else t
 
 
 def _attention_noise(pack: Pack, H: int, p: float, first_only: bool, dev: torch.device) -> list[torch.Tensor]:

@@ -100,7 +100,7 @@ def local_train_joined(model: LocalModel, items: list[tuple[State, DevicePlan, l
         loss.backward()
         for opt in opts:
             opt.step()
-    return [(model.extract_adapter(ad, plan.train_layers, plan.ranks), t / max(1, len(items[0][2])))
+    return [(model.extract(plan.train_layers, plan.ranks, adapter=ad), t / max(1, len(items[0][2])))
             for ad, t in zip(adapters, totals)]
 
 
@@ -200,18 +200,21 @@ def run_jobs(model: LocalModel, jobs: list[tuple[DeviceData, State, DevicePlan, 
         items, flops = [], []
         for i in g:
             data, payload, plan, call = jobs[i]
-            picks = job_picks(data.positions, plan, seed=seed, rnd=rnd, call=call, batch_size=batch_size)
-            items.append((payload, plan, make_batches(data.ids, data.labels, picks, data.pad_id),
-                          torch_seed((seed, 5005, rnd, plan.device, call))))
-            flops.append(_job_flops(model, data, plan, picks, backward_ratio))
+            batches, job_seed, f = _job_inputs(model, data, plan, seed, rnd, call, batch_size, backward_ratio)
+            items.append((payload, plan, batches, job_seed))
+            flops.append(f)
         for i, (update, loss), f in zip(g, local_train_joined(model, items, lr, weight_decay), flops):
             out[i] = JobOutput(update, loss, f, len(jobs[i][0].positions))
     return out
 
 
-def _job_flops(model: LocalModel, data: DeviceData, plan: DevicePlan, picks: list[np.ndarray], backward_ratio: float) -> float:
-    return sum(step_flops(model.cost, [len(data.ids[i]) for i in p], model.num_layers, len(plan.train_layers),
-                          backward_ratio) for p in picks)
+def _job_inputs(model: LocalModel, data: DeviceData, plan: DevicePlan, seed: int, rnd: int, call: int, batch_size: int,
+                backward_ratio: float) -> tuple[list[dict[str, torch.Tensor]], int, float]:
+    """A job's batches, dropout seed and FLOPs (for the simulated clock), from (seed, round, device, call)."""
+    picks = job_picks(data.positions, plan, seed=seed, rnd=rnd, call=call, batch_size=batch_size)
+    flops = sum(step_flops(model.cost, [len(data.ids[i]) for i in p], model.num_layers, len(plan.train_layers),
+                           backward_ratio) for p in picks)
+    return make_batches(data.ids, data.labels, picks, data.pad_id), torch_seed((seed, 5005, rnd, plan.device, call)), flops
 
 
 def run_job(model: LocalModel, data: DeviceData, payload: State, plan: DevicePlan, *, seed: int, rnd: int,
@@ -221,9 +224,6 @@ def run_job(model: LocalModel, data: DeviceData, payload: State, plan: DevicePla
     Batches and the dropout seed derive from (seed, round, device, call), so the result does not
     depend on where or in which order devices run.
     """
-    picks = job_picks(data.positions, plan, seed=seed, rnd=rnd, call=call, batch_size=batch_size)
-    batches = make_batches(data.ids, data.labels, picks, data.pad_id)
-    flops = _job_flops(model, data, plan, picks, backward_ratio)
-    update, loss = local_train(model, payload, plan, batches, lr, weight_decay,
-                               torch_seed((seed, 5005, rnd, plan.device, call)))
+    batches, job_seed, flops = _job_inputs(model, data, plan, seed, rnd, call, batch_size, backward_ratio)
+    update, loss = local_train(model, payload, plan, batches, lr, weight_decay, job_seed)
     return JobOutput(update, loss, flops, len(data.positions))
