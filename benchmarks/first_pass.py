@@ -8,8 +8,12 @@ each. With `--chunks`, the time of 256 examples passed 64, 128, ... at a time in
 `LocalModel.PREFIX_CHUNK`). (The version in the commit that added this file also timed a way of
 laying out attention that was not kept: see docs/benchmarks.md.)
 
+With `--zero-lora`, the same pass with and without skipping the LoRA of the frozen layers (B = 0:
+`packed._zero_lora`), alternating six times in one process; the medians.
+
     python benchmarks/first_pass.py
     python benchmarks/first_pass.py --chunks 32,64,128,256
+    python benchmarks/first_pass.py --zero-lora
 """
 
 from __future__ import annotations
@@ -47,6 +51,22 @@ def chunks(sizes: list[int]) -> None:
         print(f"first pass, 256 examples in chunks of {size}: {mean(lambda: sim.model.prefix_rows(ids), 5) * 1e3:.0f} ms")
 
 
+def zero_lora() -> None:
+    """The first pass with the zero-LoRA skip and with the LoRA products computed (heap kept)."""
+    from hierfedlora import packed
+
+    sim, ids = setup()
+    skip, times = packed._zero_lora, {"skipped": [], "computed": []}
+    for _ in range(6):
+        for name, rule in (("skipped", skip), ("computed", lambda mod: False)):
+            packed._zero_lora = rule
+            times[name].append(mean(lambda: sim.model.prefix_rows(ids), 8) * 1e3)
+    packed._zero_lora = skip
+    s, c = float(np.median(times["skipped"])), float(np.median(times["computed"]))
+    print(f"first pass, {EXAMPLES} examples, 4 frozen layers: LoRA (B = 0) computed {c:.1f} ms  skipped {s:.1f} ms  "
+          f"({(c - s) / c * 100:.1f}% less)")
+
+
 def mean(f, repeats: int = REPEATS) -> float:
     """Seconds per call, over `repeats` calls after one to warm up (a mean, not the best call: page
     faults and the like come in some calls, not all, and a run pays for all of them)."""
@@ -66,6 +86,9 @@ def heap_child(keep: bool) -> None:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] in ("--heap-default", "--heap-kept"):
         heap_child(sys.argv[1] == "--heap-kept")
+        return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "--zero-lora":
+        zero_lora()
         return 0
     if len(sys.argv) > 2 and sys.argv[1] == "--chunks":
         chunks([int(x) for x in sys.argv[2].split(",")])
