@@ -22,7 +22,8 @@ import torch
 from hierfedlora.engine import Simulation
 from hierfedlora.lora_state import to_device
 from hierfedlora.parallel import _keep_heap
-from hierfedlora.strategies.base import DevicePlan
+from hierfedlora.protocol import DevicePlan
+from hierfedlora.protocol import DeviceJob, LocalTraining
 from hierfedlora.trainer import DeviceData, run_jobs
 from speed import config
 
@@ -44,15 +45,15 @@ def main() -> int:
     jobs = []
     for d in range(args.devices):
         plan = DevicePlan(d, sim.global_ranks, layers, sim.cfg.train.local_steps)
-        jobs.append((DeviceData(w.ids, w.labels, w.parts[d], w.pad_id), to_device(sim.state, plan.ranks, sim.global_ranks), plan, 0))
-    kw = dict(seed=0, rnd=1, batch_size=sim.cfg.train.batch_size, lr=sim.cfg.train.lr, weight_decay=0.0, backward_ratio=2.0)
+        jobs.append((DeviceData(w.ids, w.labels, w.parts[d], w.pad_id), DeviceJob(plan, to_device(sim.state, plan.ranks, sim.global_ranks), 0)))
+    kw = dict(seed=0, batch_size=sim.cfg.train.batch_size, lr=sim.cfg.train.lr, weight_decay=0.0, backward_ratio=2.0)
     values = [int(v) for v in args.values.split(",")]
-    run_jobs(m, jobs, lockstep=max(values), **kw)  # fills the cache
+    run_jobs(m, jobs, 1, LocalTraining(**kw, lockstep=max(values)))  # fills the cache
     times: dict[int, list[float]] = {v: [] for v in values}
     for _ in range(REPEATS):
         for v in values:
             t = time.perf_counter()
-            run_jobs(m, jobs, lockstep=v, **kw)
+            run_jobs(m, jobs, 1, LocalTraining(**kw, lockstep=v))
             times[v].append(time.perf_counter() - t)
     one = float(np.median(times[values[0]]))
     for v in values:

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from hierfedlora.adapter import load_adapter
-from hierfedlora.cli import main, run_experiment
-from hierfedlora.engine import CHECKPOINT, CheckpointError, Simulation, prepare_run_dir
+from hierfedlora.cli import main
+from hierfedlora.engine import CHECKPOINT, CheckpointError, Simulation
+from hierfedlora.experiment import prepare_run_dir, run_experiment
 from hierfedlora.models import LocalModel, load_base, load_tokenizer
 
 

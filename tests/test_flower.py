@@ -31,15 +31,17 @@ from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from pydantic import BaseModel, ConfigDict  # noqa: E402
 
 from hierfedlora.aggregate import slot_average  # noqa: E402
-from hierfedlora.cli import main, run_experiment  # noqa: E402
+from hierfedlora.cli import main  # noqa: E402
+from hierfedlora.experiment import run_experiment  # noqa: E402
 from hierfedlora.config import dump_config  # noqa: E402
-from hierfedlora.engine import Simulation  # noqa: E402
+from hierfedlora.engine import LocalExecutor, Simulation  # noqa: E402
 from hierfedlora.flower import client_app  # noqa: E402
 from hierfedlora.flower import messages as wire  # noqa: E402
 from hierfedlora.flower.deploy import LocalFederation  # noqa: E402
 from hierfedlora.flower.executor import FlowerExecutor  # noqa: E402
 from hierfedlora.strategies import registry  # noqa: E402
-from hierfedlora.strategies.base import DevicePlan, Job, RoundReport, weighted_loss  # noqa: E402
+from hierfedlora.protocol import DevicePlan, Job, RoundReport  # noqa: E402
+from hierfedlora.strategies.base import StrategyBase, weighted_loss  # noqa: E402
 
 
 def read_jsonl(path):
@@ -98,8 +100,11 @@ class LoopbackGrid:
 def _flower_sim(cfg, tmp_path, grid, **kw):
     out = tmp_path / "flower"
     out.mkdir(exist_ok=True)
-    ex = FlowerExecutor(grid, cfg, out, round_timeout=5, node_wait=0, query_timeout=5, log=lambda *_: None, **kw)
-    return Simulation(cfg, out, executor=ex), out
+    def executor(sim):
+        return FlowerExecutor(grid, cfg, out, LocalExecutor(sim), round_timeout=5, node_wait=0, query_timeout=5,
+                              log=lambda *_: None, **kw)
+
+    return Simulation(cfg, out, executor=executor), out
 
 
 def _same_rows(a: list[dict], b: list[dict], tol: float = 1e-6) -> None:
@@ -120,7 +125,7 @@ class TwoTierSettings(BaseModel):
     tau: int = 2
 
 
-class TwoTier:
+class TwoTier(StrategyBase):
     """Two groups; group k trains the top k+1 layers, each device at its own ranks there (rising
     toward the output, as LEGEND's); `tau` intra-group rounds over the LAN, the later ones
     downloading only the trained layers and head (HierFedLoRA's), then a global average."""
@@ -130,9 +135,6 @@ class TwoTier:
 
     def global_ranks(self):
         return {l: self.setup.rank for l in range(self.L)}
-
-    def lowest_trainable_layer(self):
-        return 0
 
     def plan(self, d: int, k: int, t: int) -> DevicePlan:
         R, L = self.setup.rank, self.L
@@ -170,13 +172,13 @@ class TwoTier:
 @pytest.fixture
 def two_tier(monkeypatch):
     entries = dict(registry.available())
-    entries["twotier"] = registry.StrategyEntry("twotier", TwoTierSettings, TwoTier, __name__)
+    entries["twotier"] = registry.StrategyEntry("twotier", TwoTierSettings, TwoTier, __name__, {})
     monkeypatch.setattr(registry, "available", lambda: entries)
 
 
 # -- in-process tests ------------------------------------------------------------------------
 def test_plan_and_state_survive_the_wire():
-    plan = DevicePlan(3, {1: 2, 2: 4, 3: 4}, (2, 3), 5, link="lan", download="trained", extra={"prune": 0.1})
+    plan = DevicePlan(3, {1: 2, 2: 4, 3: 4}, (2, 3), 5, link="lan", download="trained", options={"prune": 0.1})
     rec = wire.plan_record(plan, rnd=7, call=2, tag="t", base_tag="b")
     assert wire.plan_from_record(rec) == (plan, 7, 2)
     state = {"2.query.A": torch.randn(4, 8), "2.query.B": torch.randn(8, 4), "head.classifier.bias": torch.randn(2)}

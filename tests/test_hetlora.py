@@ -8,14 +8,18 @@ import pytest
 import torch
 
 from hierfedlora.aggregate import delta_norms, zero_pad_average
-from hierfedlora.cli import main, run_experiment
+from hierfedlora.cli import main
+from hierfedlora.experiment import run_experiment
 from hierfedlora.config import load_config
-from hierfedlora.engine import Simulation, prepare_run_dir
+from hierfedlora.engine import Simulation
+from hierfedlora.experiment import prepare_run_dir
 from hierfedlora.fleet import build_fleet
 from hierfedlora.lora_state import delta_w, from_device, to_device
 from hierfedlora.strategies import hetlora
-from hierfedlora.strategies.base import DevicePlan, TrainResult
-from hierfedlora.trainer import REGULARISERS, local_train
+from hierfedlora.protocol import DevicePlan, TrainResult
+from hierfedlora.protocol import LocalTraining
+from hierfedlora.strategies.registry import trainer_options
+from hierfedlora.trainer import local_train
 
 ROOT = Path(__file__).resolve().parent.parent
 ALPHA = 8.0
@@ -76,12 +80,12 @@ def test_zero_pad_average_hand_computed_with_norm_weights_mixed_ranks_and_depths
 
 
 def test_prune_penalty_is_the_tail_delta_w_norm_and_trains(tiny_cfg):
-    assert REGULARISERS[hetlora.PRUNE_KEY] is hetlora.prune_penalty
+    assert trainer_options()[hetlora.PRUNE_KEY] is hetlora.prune_penalty
     sim = Simulation(tiny_cfg(**{"method.name": "hetlora"}))
     model, G = sim.model, sim.global_ranks
     state = {k: (v + 0.3 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) if k.endswith(".B") else v)
              for k, v in sim.state.items()}
-    plan = DevicePlan(0, {l: 4 for l in range(4)}, (2, 3), 1, extra={hetlora.PRUNE_KEY: 0.5, hetlora.GAMMA_KEY: 0.5})
+    plan = DevicePlan(0, {l: 4 for l in range(4)}, (2, 3), 1, options={hetlora.PRUNE_KEY: 0.5, hetlora.GAMMA_KEY: 0.5})
     payload = to_device(state, plan.ranks, G)
     model.load(payload, plan.ranks, plan.train_layers)
     c = hetlora.tail_start(4, 0.5)
@@ -96,9 +100,11 @@ def test_prune_penalty_is_the_tail_delta_w_norm_and_trains(tiny_cfg):
     term.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.trainable_parameters() if p.grad is not None)
     batches = [next(iter(sim.test_batches))]
-    upd_reg, _ = local_train(model, payload, plan, batches, lr=0.05, weight_decay=0.0, seed=0)
+    settings = LocalTraining(seed=0, batch_size=16, lr=0.05, weight_decay=0.0, backward_ratio=1.0,
+                             regularisers=trainer_options())
+    upd_reg, _ = local_train(model, payload, plan, batches, settings, seed=0)
     plain = DevicePlan(0, plan.ranks, plan.train_layers, 1)
-    upd_plain, _ = local_train(model, payload, plain, batches, lr=0.05, weight_decay=0.0, seed=0)
+    upd_plain, _ = local_train(model, payload, plain, batches, settings, seed=0)
     tails = [hetlora.tail_norm(from_device(u, plan.ranks, G), 4, 0.5, ALPHA, G) for u in (upd_reg, upd_plain)]
     assert tails[0] < tails[1]
 
@@ -135,8 +141,8 @@ def test_self_pruning_shrinks_ranks_when_the_tail_decays_and_round_trips(tiny_cf
     state = {k: v.clone() for k, v in Simulation(tiny_cfg(**{"method.name": "hetlora", "fleet.name": "uniform"})).state.items()}
     state, rep = s.run_round(1, state, FakeCtx(1, 4, s.global_ranks(), 1.0))
     assert s.ranks == [4, 4, 4, 4] and rep.extra["pruned"] == []
-    first = s.plan(0)
-    assert first.extra == {hetlora.PRUNE_KEY: 0.1, hetlora.GAMMA_KEY: 0.5}
+    first = s.device_plan(0)
+    assert first.options == {hetlora.PRUNE_KEY: 0.1, hetlora.GAMMA_KEY: 0.5}
     saved = json.loads(json.dumps(s.state_dict()))
     state, rep = s.run_round(2, state, FakeCtx(2, 4, s.global_ranks(), 0.1))  # the tails shrank: prune to ⌊γ·4⌋
     assert s.ranks == [2, 2, 2, 2] and rep.extra["pruned"] == [0, 1, 2, 3]

@@ -75,7 +75,7 @@ def test_traffic_is_metered_per_link(tiny_cfg):
 
 
 def test_end_to_end_records_arms_and_outputs(tiny_cfg, tmp_path):
-    from hierfedlora.cli import run_experiment
+    from hierfedlora.experiment import run_experiment
 
     cfg = _hier(tiny_cfg, **{"run.rounds": 4, "run.eval_every": 2})
     run_experiment(cfg, tmp_path, progress=False, export=False)

@@ -9,15 +9,14 @@ import torch
 
 from hierfedlora.adapter import load_adapter
 from hierfedlora.aggregate import masked_slot_average, slot_counts
-from hierfedlora.cli import run_experiment
+from hierfedlora.experiment import run_experiment
 from hierfedlora.clock import ModelCost
 from hierfedlora.config import load_config
 from hierfedlora.engine import Simulation
 from hierfedlora.fleet import build_fleet, round_profiles
 from hierfedlora.lora_state import delta_w, from_device, to_device
-from hierfedlora.models import Layout
 from hierfedlora.strategies import legend
-from hierfedlora.strategies.base import SetupInfo, TrainResult
+from hierfedlora.protocol import Layout, SetupInfo, TrainResult
 
 ROOT = Path(__file__).resolve().parent.parent
 ALPHA = 8.0

@@ -14,7 +14,8 @@ from hierfedlora.lora_state import lora_key, to_device
 from hierfedlora.models import LocalModel, load_base, load_tokenizer
 from hierfedlora.packed import make_pack
 from hierfedlora.prefix_cache import PrefixCache
-from hierfedlora.strategies.base import DevicePlan
+from hierfedlora.protocol import DevicePlan
+from hierfedlora.protocol import DeviceJob, LocalTraining
 from hierfedlora.trainer import DeviceData, run_job
 
 
@@ -145,9 +146,9 @@ def test_engine_job_equals_a_plain_loop_padded_to_max_length(tiny_cfg):
     m.dropout_width = cfg.model.max_length
     plan = DevicePlan(0, sim.global_ranks, (2, 3), 4)
     data = DeviceData(w.ids, w.labels, w.parts[0], w.pad_id)
-    kw = dict(seed=0, rnd=1, call=0, batch_size=cfg.train.batch_size, lr=cfg.train.lr, weight_decay=0.0, backward_ratio=1.0)
+    settings = LocalTraining(seed=0, batch_size=cfg.train.batch_size, lr=cfg.train.lr, weight_decay=0.0, backward_ratio=1.0)
     sim.evaluate(sim.state, sim.test_batches)  # fill part of the cache first
-    fast = run_job(m, data, dict(sim.state), plan, **kw).update
+    fast = run_job(m, data, DeviceJob(plan, dict(sim.state), 0), 1, settings).update
 
     packed, m.packed = m.packed, None  # the plain transformers forward
     from hierfedlora.trainer import sample_batches, torch_seed
@@ -193,11 +194,12 @@ def test_devices_trained_together_get_exactly_what_they_get_alone(tiny_cfg, meth
         moved = [k for k in start if layer_of(k) is None or layer_of(k) in layers or (below and d == 1)]
         state = {k: v + 0.05 * torch.randn(v.shape, generator=g) if k in moved else v for k, v in start.items()}
         plan = DevicePlan(d, ranks, layers, 3)
-        jobs.append((DeviceData(w.ids, w.labels, w.parts[d], w.pad_id), to_device(state, ranks, ranks), plan, 0))
-    kw = dict(seed=0, rnd=1, batch_size=16, lr=2e-2, weight_decay=0.01, backward_ratio=1.0)
-    assert lockstep_groups(m, [j[2] for j in jobs[:3]], [len(j[0].positions) for j in jobs], 16, 3) == [[0, 1, 2]]
-    together = run_jobs(m, jobs[:3], lockstep=3, **kw) + run_jobs(m, jobs[3:], lockstep=3, **kw)
-    alone = [run_jobs(m, [j], **kw)[0] for j in jobs]
+        jobs.append((DeviceData(w.ids, w.labels, w.parts[d], w.pad_id), DeviceJob(plan, to_device(state, ranks, ranks), 0)))
+    kw = dict(seed=0, batch_size=16, lr=2e-2, weight_decay=0.01, backward_ratio=1.0)
+    assert lockstep_groups(m, [j.plan for _, j in jobs[:3]], [len(d.positions) for d, _ in jobs], 16, 3) == [[0, 1, 2]]
+    three, one = LocalTraining(**kw, lockstep=3), LocalTraining(**kw)
+    together = run_jobs(m, jobs[:3], 1, three) + run_jobs(m, jobs[3:], 1, three)
+    alone = [run_jobs(m, [j], 1, one)[0] for j in jobs]
     for a, t in zip(alone, together):
         assert a.train_loss == t.train_loss and a.flops == t.flops
         assert a.update.keys() == t.update.keys()
@@ -213,7 +215,7 @@ def test_only_jobs_of_one_plan_shape_train_together():
     m = tiny_model()
     r = {l: 4 for l in range(4)}
     plans = [DevicePlan(0, r, (2, 3), 3), DevicePlan(1, r, (2, 3), 3), DevicePlan(2, r, (3,), 3),
-             DevicePlan(3, r, (3,), 3), DevicePlan(4, r, (3,), 2), DevicePlan(5, r, (3,), 2, extra={"mu": 0.1})]
+             DevicePlan(3, r, (3,), 3), DevicePlan(4, r, (3,), 2), DevicePlan(5, r, (3,), 2, options={"mu": 0.1})]
     assert lockstep_groups(m, plans, [40] * 6, 16, 4) == [[0, 1], [2, 3], [4], [5]]
     assert lockstep_groups(m, plans[:4], [40, 40, 40, 12], 16, 4) == [[0, 1], [2], [3]]  # a batch under MIN_ROWS
     assert lockstep_groups(m, plans[:2], [40, 40], 16, 1) == [[0], [1]]
@@ -363,10 +365,10 @@ def test_work_failing_in_a_worker_stops_the_round_with_its_error(tiny_cfg, monke
     if where == "job":
         real = engine.run_jobs
 
-        def flaky(model, jobs, **kw):
-            if any(plan.device == 4 for _, _, plan, _ in jobs):
+        def flaky(model, jobs, rnd, settings):
+            if any(job.plan.device == 4 for _, job in jobs):
                 raise ValueError("device 4 broke")
-            return real(model, jobs, **kw)
+            return real(model, jobs, rnd, settings)
 
         monkeypatch.setattr(engine, "run_jobs", flaky)
     else:

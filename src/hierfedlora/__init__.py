@@ -1,3 +1,3 @@
-"""hierfedlora: resource-efficient federated LoRA fine-tuning on heterogeneous devices (SPEC §1)."""
+"""hierfedlora: resource-efficient federated LoRA fine-tuning on heterogeneous devices (design.md §1)."""
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Export the server state as a PEFT LoRA adapter (+ classifier head) that PEFT loads (SPEC §1.3).
+"""Export the server state as a PEFT LoRA adapter (+ classifier head) that PEFT loads (design.md §1.3).
 
 Per-layer ranks go through PEFT's `rank_pattern`; layers without LoRA (rank 0) are simply not
 targeted, by listing the full module names in `target_modules`. The head is saved through

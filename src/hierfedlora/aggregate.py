@@ -1,4 +1,4 @@
-"""Aggregation rules as pure functions over `dict[str, Tensor]` (SPEC §2).
+"""Aggregation rules as pure functions over `dict[str, Tensor]` (design.md §2).
 
 Updates arrive in the server's convention (see `lora_state`), possibly truncated to a device's rank
 (A: [r, in], B: [out, r]) and possibly missing layers the device did not train.
@@ -68,7 +68,7 @@ def slot_average(base: State, updates: Sequence[State], weights: Sequence[float]
     return out
 
 
-# -- heterogeneous-rank rules (LEGEND, HetLoRA, FlexLoRA; SPEC §2) -------------------------------
+# -- heterogeneous-rank rules (LEGEND, HetLoRA, FlexLoRA; design.md §2) -------------------------------
 # `ranks[k]` is device k's explicit mask: layer l is in its update iff ranks[k][l] > 0, and it holds
 # slots 0 .. ranks[k][l]-1 there. Updates are in the server's convention (`lora_state`), so the B
 # factor already carries the alpha/R_l scale and factors of different ranks can be averaged slot by slot.

@@ -1,4 +1,4 @@
-"""R-UCB: the resource-aware upper-confidence-bound bandit of HierFedLoRA (SPEC §2, step 2).
+"""R-UCB: the resource-aware upper-confidence-bound bandit of HierFedLoRA (design.md §2, step 2).
 
 Each group owns one bandit. An arm is any configuration (HierFedLoRA's are (depth d, frequency τ)
 pairs; this module only sees arm indices). Each global round the caller says which arms are

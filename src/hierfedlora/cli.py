@@ -3,91 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
-from hierfedlora.config import ConfigError, ExperimentConfig, load_config
-
-
-def default_out(config_path: str | None) -> Path:
-    return Path("runs") / (Path(config_path).stem if config_path else "default")
-
-
-def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False, resume: bool = False,
-                   progress: bool = True, export: bool = True, executor=None) -> dict[str, Any]:
-    """Run (or resume) one experiment into `out`; returns its summary. `executor` runs the devices'
-    jobs (default: in this process; `hierfedlora.flower` passes one that uses SuperNodes)."""
-    from tqdm.auto import tqdm
-
-    from hierfedlora.adapter import export_adapter
-    from hierfedlora.engine import CHECKPOINT, Simulation, prepare_run_dir
-    from hierfedlora.plots import plot_accuracy
-
-    if not resume:
-        prepare_run_dir(cfg, out, overwrite)
-    t0 = time.perf_counter()
-    sim = Simulation(cfg, out, executor=executor)
-    if resume and (out / CHECKPOINT).exists():
-        sim.load_checkpoint(out / CHECKPOINT)
-    bar = tqdm(total=cfg.run.rounds, initial=sim.round, desc=sim.method, unit="round",
-               disable=not progress, dynamic_ncols=True)
-    last_acc: list[float] = []
-
-    def on_round(row: dict[str, Any]) -> None:
-        if "test_acc" in row:
-            last_acc[:] = [row["test_acc"]]
-        if row["round"] > 0:
-            bar.update(1)
-        post = {"sim": f"{row['sim_time_s'] / 60:.1f}min"}
-        if last_acc:
-            post["acc"] = f"{100 * last_acc[0]:.1f}%"
-        bar.set_postfix(post)
-
-    sim.run(on_round)
-    bar.close()
-    summary = sim.summary()
-    summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_accuracy(sim.rows, out / "accuracy.png", title=f"{sim.method} on {cfg.data.name}")
-    if hasattr(sim.strategy, "write_outputs"):
-        sim.strategy.write_outputs(out, sim.rows)
-    if export:
-        export_adapter(sim.state, sim.global_ranks, cfg.model.name, cfg.model.target_modules, cfg.model.alpha,
-                       sim.work.label_names, out / "adapter", seed=cfg.run.seed)
-    return summary
-
-
-def print_summary(summary: dict[str, Any], out: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"{summary['method']} -> {out}")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    fmt = {
-        "final_acc": lambda v: f"{100 * v:.2f}%", "best_acc": lambda v: f"{100 * v:.2f}%",
-        "sim_time_s": lambda v: f"{v / 60:.1f} min", "bytes_total": lambda v: f"{v / 1e6:.1f} MB",
-        "time_to_target_s": lambda v: f"{v / 60:.1f} min", "wall_time_s": lambda v: f"{v:.0f} s",
-    }
-    for k, f in fmt.items():
-        if k in summary:
-            v = summary[k]
-            t.add_row(k, "not reached" if v is None else f(v))
-    Console().print(t)
+from hierfedlora.config import ConfigError, load_config
+from hierfedlora.experiment import default_out, print_summary, resume_config, run_experiment
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         out = Path(args.resume)
-        cfg_path = out / "config.toml"
-        if not cfg_path.is_file():
-            raise ConfigError(f"'{out}' is not a run directory (no config.toml); pass the directory a run wrote.")
-        if args.config or args.set:
-            raise ConfigError("--resume takes the run's own config.toml; drop the CONFIG and --set arguments.")
-        cfg = load_config(cfg_path)
+        cfg = resume_config(out, args.config, args.set)
         resume = True
     else:
         cfg = load_config(args.config, args.set)
@@ -132,9 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--target", type=float, help="target accuracy (default: 95%% of FedLoRA's final accuracy)")
     rp.set_defaults(func=cmd_report)
 
-    from hierfedlora.flower.command import add_parser as add_flower_parser
+    from hierfedlora.flower import command as flower_command
 
-    add_flower_parser(sub)  # `hierfedlora flower`: the same experiment across Flower SuperNodes
+    f = sub.add_parser("flower", help="run one experiment across Flower SuperNodes on this machine (docs/flower.md)")
+    add_experiment_arguments(f, "runs/<config name>-flower", what="Flower run")
+    flower_command.add_arguments(f)  # `hierfedlora flower`: the same experiment across Flower SuperNodes
     return p
 
 

@@ -1,4 +1,4 @@
-"""Virtual clock and traffic meter (SPEC §3).
+"""Virtual clock and traffic meter (design.md §3).
 
 A local step costs a forward pass through every layer plus a backward pass through the trained
 layers only (the layers below get no backward); its FLOPs are counted from the real token lengths of

@@ -1,4 +1,4 @@
-"""Compare methods on the same data, partition, fleet and seeds, the way the papers do (SPEC §5).
+"""Compare methods on the same data, partition, fleet and seeds, the way the papers do (design.md §5).
 
 `hierfedlora compare CONFIG.toml --methods fedlora,hierfedlora --seeds 3 --out DIR` runs every
 (method, seed) into DIR/<method>/seed<k> (finished runs are reused, interrupted ones resumed) and
@@ -72,8 +72,8 @@ def method_config(raw: dict[str, Any], variants: dict[str, dict[str, Any]], labe
 
 def run_comparison(config_path: str | None, methods: list[str], seeds: int, out: Path, overrides: list[str],
                    progress: bool = True) -> Path:
-    from hierfedlora.cli import run_experiment
     from hierfedlora.engine import CHECKPOINT, config_fingerprint
+    from hierfedlora.experiment import run_experiment
 
     raw, variants = read_variants(config_path)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,13 +188,13 @@ def write_report(runs: list[Run], out: Path, target: float | None = None) -> Pat
                     f"simulated time to {100 * target:.1f}% accuracy")
     lines += ["", "![accuracy vs time](accuracy_vs_time.png)", "![accuracy vs traffic](accuracy_vs_traffic.png)",
               "![time to target](time_to_target.png)"]
-    from hierfedlora.strategies.hierfedlora import plot_arms
+    from hierfedlora.strategies.registry import available
 
-    arm_runs = [(lab, rs[0]) for lab, rs in by.items() if any("groups" in row for row in rs[0].rows)]
-    for lab, r in arm_runs:
-        name = f"arms_{lab}.png"
-        plot_arms(r.rows, out / name, 1 + max(g["group"] for row in r.rows for g in row.get("groups", [])))
-        lines.append(f"![{lab} arms]({name})")
+    methods = available()
+    for lab, rs in by.items():  # method-specific figures of each method's first seed
+        entry = methods.get(rs[0].summary.get("method", ""))
+        for name in entry.strategy.report_figures(rs[0].rows, out, lab) if entry else []:
+            lines.append(f"![{lab}]({name})")
     lines += ["", "Runs:", ""] + [f"- {r.label} seed {r.seed}: `{r.path}`" for r in runs]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"

@@ -2,7 +2,7 @@
 
 Every knob of a run lives here with its default, so a run directory's `config.toml` is the whole
 recipe. Unknown keys and bad values are rejected with a message naming the key and, for a typo,
-the closest valid key (SPEC §2: "every constant is a documented setting").
+the closest valid key (design.md §2: "every constant is a documented setting").
 
 Method-specific settings live in `[method]`; each strategy module declares its own `Settings`
 model and this file dispatches on `method.name` (see `hierfedlora.strategies.registry`).

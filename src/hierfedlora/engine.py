@@ -1,4 +1,4 @@
-"""The simulation loop (SPEC §1.1, §3): config -> data & model -> fleet -> rounds -> metrics.
+"""The simulation loop (design.md §1.1, §3): config -> data & model -> fleet -> rounds -> metrics.
 
 The engine owns the server state, the clock, the traffic meter, evaluation, checkpoints and the run
 directory; the strategy owns everything method-specific and sees the engine only through
@@ -15,6 +15,7 @@ import math
 import multiprocessing
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +24,15 @@ import torch
 
 from hierfedlora import data as data_mod
 from hierfedlora.clock import TrafficMeter, compute_time, transfer_time
-from hierfedlora.config import ExperimentConfig, dump_config
+from hierfedlora.config import ExperimentConfig
 from hierfedlora.fleet import DeviceProfile, availability, build_fleet, round_profiles
-from hierfedlora.lora_state import State, from_device, layer_of, num_bytes, to_device
+from hierfedlora.lora_state import State, from_device, num_bytes, to_device
 from hierfedlora.models import LocalModel, load_base, load_tokenizer
 from hierfedlora.partition import label_histograms, partition
 from hierfedlora.prefix_cache import PrefixCache
-from hierfedlora.strategies.base import Job, RoundReport, SetupInfo, TrainResult
-from hierfedlora.strategies.registry import get_strategy
-from hierfedlora.trainer import DeviceData, JobOutput, evaluate, lockstep_groups, run_jobs
+from hierfedlora.protocol import DeviceJob, Executor, Job, JobOutput, LocalTraining, SetupInfo, TrainResult
+from hierfedlora.strategies.registry import get_strategy, trainer_options
+from hierfedlora.trainer import DeviceData, evaluate, lockstep_groups, run_jobs
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
@@ -43,7 +44,7 @@ class CheckpointError(ValueError):
 
 @dataclasses.dataclass
 class Workload:
-    """Tokenised data, its splits and the device partition (SPEC §4)."""
+    """Tokenised data, its splits and the device partition (design.md §4)."""
 
     label_names: list[str]
     ids: list[np.ndarray]  # all examples, variable length
@@ -90,35 +91,51 @@ def config_fingerprint(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def local_training(cfg: ExperimentConfig) -> LocalTraining:
+    """The settings every device job of this experiment trains with."""
+    t = cfg.train
+    return LocalTraining(seed=cfg.run.seed, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
+                         backward_ratio=cfg.fleet.backward_ratio, lockstep=t.lockstep, regularisers=trainer_options())
+
+
 class LocalExecutor:
     """Runs device jobs in this process, one after another, on the shared `LocalModel`."""
 
     def __init__(self, sim: "Simulation"):
         self.sim = sim
+        self.settings = local_training(sim.cfg)
 
-    def run(self, rnd: int, jobs: list[tuple]) -> list[JobOutput | None]:
-        sim, cfg, w = self.sim, self.sim.cfg, self.sim.work
-        return run_jobs(sim.model, [(DeviceData(w.ids, w.labels, w.parts[plan.device], w.pad_id), payload, plan, k)
-                                    for plan, payload, k in jobs],
-                        seed=cfg.run.seed, rnd=rnd, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
-                        weight_decay=cfg.train.weight_decay, backward_ratio=cfg.fleet.backward_ratio,
-                        lockstep=cfg.train.lockstep)
+    def _data(self, device: int) -> DeviceData:
+        w = self.sim.work
+        return DeviceData(w.ids, w.labels, w.parts[device], w.pad_id)
 
-    def groups(self, jobs: list[tuple]) -> list[list[int]]:
+    def run(self, rnd: int, jobs: list[DeviceJob]) -> list[JobOutput | None]:
+        return run_jobs(self.sim.model, [(self._data(j.plan.device), j) for j in jobs], rnd, self.settings)
+
+    def groups(self, jobs: list[DeviceJob]) -> list[list[int]]:
         """The jobs `run` trains together (indices)."""
         sim = self.sim
-        return lockstep_groups(sim.model, [plan for plan, _, _ in jobs], [len(sim.work.parts[p.device]) for p, _, _ in jobs],
+        return lockstep_groups(sim.model, [j.plan for j in jobs], [len(sim.work.parts[j.plan.device]) for j in jobs],
                                sim.cfg.train.batch_size, sim.cfg.train.lockstep)
+
+    def evaluate(self, payload, ranks: dict[int, int], batches) -> tuple[float, float]:
+        self.sim.model.load(payload, ranks, ())
+        return evaluate(self.sim.model, batches)
+
+    def close(self) -> None:
+        pass
 
 
 class Simulation:
     """One experiment: build everything from the config, then `run()`.
 
-    Devices' local work goes through `executor` (default: in this process); the Flower deployment
-    passes one that sends the same jobs to SuperNodes.
+    Devices' local work goes through the executor that `executor(sim)` builds (default: in this
+    process, or worker processes with `train.workers`); the Flower deployment passes one that sends
+    the same jobs to SuperNodes.
     """
 
-    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None = None, executor=None):
+    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None = None,
+                 executor: Callable[["Simulation"], Executor] | None = None):
         self.cfg = cfg
         self.out = Path(out_dir) if out_dir else None
         if cfg.train.threads:
@@ -160,9 +177,9 @@ class Simulation:
         self.sim_time = 0.0
         self.round = 0
         self.rows: list[dict[str, Any]] = []
-        self.executor = executor or self._default_executor()
+        self.executor: Executor = executor(self) if executor else self._default_executor()
 
-    def _default_executor(self):
+    def _default_executor(self) -> Executor:
         """In this process, or in worker processes (train.workers; see `parallel`)."""
         n = self.cfg.train.workers or (os.cpu_count() or 1)
         if n <= 1:
@@ -177,7 +194,7 @@ class Simulation:
     def _enable_prefix_cache(self) -> int:
         """Cache layers below the strategy's lowest trainable layer (0 = no cache; see prefix_cache)."""
         cfg, w = self.cfg, self.work
-        lowest = getattr(self.strategy, "lowest_trainable_layer", lambda: 0)()
+        lowest = self.strategy.lowest_trainable_layer()
         if not cfg.train.prefix_cache or lowest <= 0:
             return 0
         rows = sum(len(w.ids[i]) for part in (w.train, w.val, w.test) for i in part)
@@ -199,10 +216,8 @@ class Simulation:
             k = calls.get(d, 0)
             calls[d] = k + 1
             payload = to_device(job.state, plan.ranks, self.global_ranks)
-            trained = set(plan.train_layers)
-            down_keys = [key for key in payload if plan.download == "all" or layer_of(key) is None or layer_of(key) in trained]
-            sent.append((plan, payload, k, num_bytes(payload, bpp, down_keys)))
-        outputs = self.executor.run(rnd, [(plan, payload, k) for plan, payload, k, _ in sent])
+            sent.append((plan, payload, k, num_bytes(payload, bpp, plan.downloaded(payload))))
+        outputs = self.executor.run(rnd, [DeviceJob(plan, payload, k) for plan, payload, k, _ in sent])
         results = []
         for (plan, payload, k, b_down), out in zip(sent, outputs):
             d = plan.device
@@ -246,11 +261,7 @@ class Simulation:
 
     def evaluate(self, state: State, batches, ranks: dict[int, int] | None = None) -> tuple[float, float]:
         r = ranks or self.global_ranks
-        payload = to_device(state, r, self.global_ranks)
-        if hasattr(self.executor, "evaluate"):  # worker processes share the batches out
-            return self.executor.evaluate(payload, r, batches)
-        self.model.load(payload, r, ())
-        return evaluate(self.model, batches)
+        return self.executor.evaluate(to_device(state, r, self.global_ranks), r, batches)
 
     # -- checkpoints -----------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -352,16 +363,3 @@ def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, path)
-
-
-def prepare_run_dir(cfg: ExperimentConfig, out: Path, overwrite: bool) -> None:
-    """Create the run directory; refuse to clobber an earlier run unless asked to."""
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"run directory '{out}' already holds a run; use --resume {out} to continue it, "
-                                  "--overwrite to replace it, or --out to pick another directory.")
-        for name in ("metrics.jsonl", CHECKPOINT, "summary.json"):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.toml")
-

@@ -1,4 +1,4 @@
-"""Device profiles and built-in fleets (SPEC §3).
+"""Device profiles and built-in fleets (design.md §3).
 
 A profile says how fast a device computes (sustained training FLOP/s), how much memory it has, and
 its two links: WAN (device <-> parameter server: slow, fluctuating) and LAN (device <-> group

@@ -1,4 +1,4 @@
-"""Near-IID device grouping for HierFedLoRA (SPEC §2, HierFedLoRA step 1).
+"""Near-IID device grouping for HierFedLoRA (design.md §2, HierFedLoRA step 1).
 
 Why: FedAvg inside a group whose pooled labels look like the global distribution behaves like
 IID training, so the groups' models agree and the PS's layer-wise average loses little to label
@@ -19,7 +19,7 @@ together wastes less waiting time. The objective weighs the two:
 Group sizes are balanced (the "balance" setting `size_slack` = s): every group holds between
 floor(n/K·(1-s)) (at least 1) and ceil(n/K·(1+s)) devices; s = 0 gives equal sizes (±1).
 
-The procedure (our reading of SPEC §2.1's "greedy K-means-style" procedure):
+The procedure (our reading of design.md §2.1's "greedy K-means-style" procedure):
 
 1. Seeding + greedy assignment: devices in order of decreasing data size (ties broken by a seeded
    shuffle); the first K seed one group each, every later one joins the group whose J grows least

@@ -4,7 +4,7 @@ Keys: `"{layer}.{module}.A"` (shape [r, in]), `"{layer}.{module}.B"` (shape [out
 `"head.{param}"` for the classifier head. Layers are counted from the input (0) to the output
 (L-1); "the top d layers" are L-d .. L-1.
 
-Two conventions for the scale alpha/r (SPEC §2, LEGEND/HetLoRA): the server keeps layer l at its
+Two conventions for the scale alpha/r (design.md §2, LEGEND/HetLoRA): the server keeps layer l at its
 global rank R_l with update ΔW = (alpha/R_l)·B·A; a device that uses rank r ≤ R_l in that layer runs a
 genuine rank-r PEFT LoRA with scale alpha/r. Handing the first r slots over unchanged would scale
 them by R_l/r, so the B factor is rescaled on the way down (×r/R_l) and back up (×R_l/r): the

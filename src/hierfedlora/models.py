@@ -1,4 +1,4 @@
-"""Pretrained sequence classifiers with LoRA through PEFT, and the device-side model (SPEC §4).
+"""Pretrained sequence classifiers with LoRA through PEFT, and the device-side model (design.md §4).
 
 One `LocalModel` serves every device in the simulator: PEFT puts LoRA of the largest rank the run
 needs into every layer, and a device's plan is applied by loading its tensors, setting each
@@ -8,7 +8,7 @@ building a PEFT model per device) is what makes an 80-device round cheap.
 Layers are found as the `ModuleList` of length `num_hidden_layers` (BERT/RoBERTa/DeBERTa
 `encoder.layer`, Llama `model.layers`), so "top d layers" works across those families.
 
-Speed (SPEC §1.1: an 80-device, 100-round run must fit a 2-core CPU; `benchmarks/speed.py` measures
+Speed (design.md §1.1: an 80-device, 100-round run must fit a 2-core CPU; `benchmarks/speed.py` measures
 each piece): BERT/RoBERTa run through `packed` (no work on padding), and with a frozen-prefix cache
 (`prefix_cache`) only the layers a run can train are recomputed. Other architectures use the plain
 transformers forward with per-batch padding.
@@ -20,7 +20,6 @@ import importlib.util
 import os
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from hierfedlora import masks, packed
 from hierfedlora.clock import ModelCost
 from hierfedlora.lora_state import State, lora_key
 from hierfedlora.prefix_cache import PrefixCache
+from hierfedlora.protocol import Layout
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -176,31 +176,6 @@ def head_modules(model: nn.Module) -> list[str]:
     if not names:
         raise ValueError(f"no classification head found on {type(model).__name__}")
     return names
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What a LoRA state looks like for this model: layers, targeted modules and their shapes."""
-
-    num_layers: int
-    modules: dict[str, tuple[int, int]]  # module path inside a layer -> (in_features, out_features)
-    head: dict[str, tuple[int, ...]]  # head param name -> shape
-
-    def lora_keys(self, layer: int) -> list[str]:
-        return [lora_key(layer, m, f) for m in self.modules for f in ("A", "B")]
-
-    def params_per_rank(self, layer: int) -> int:
-        """LoRA parameters of one rank slot in one layer (A row + B column, over modules)."""
-        return sum(i + o for i, o in self.modules.values())
-
-    def head_params(self) -> int:
-        n = 0
-        for s in self.head.values():
-            k = 1
-            for d in s:
-                k *= d
-            n += k
-        return n
 
 
 def _put_factors(a: torch.Tensor, b: torch.Tensor, payload: State, layer: int, sub: str, r: int, trains: bool) -> None:

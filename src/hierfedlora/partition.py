@@ -1,6 +1,6 @@
-"""Non-IID partitions of the train split across devices (SPEC §4).
+"""Non-IID partitions of the train split across devices (design.md §4).
 
-SPEC §4 names three seeded label-skew schemes; the first two come from
+design.md §4 names three seeded label-skew schemes; the first two come from
 ``flwr_datasets.partitioner`` run over a one-column ``datasets.Dataset``:
 
 - ``dirichlet``: for each class c, proportions q_c ~ Dir(alpha * 1_K) split its
@@ -81,7 +81,7 @@ def partition(
     min_partition_size: int = 10,
     seed: int = 0,
 ) -> list[np.ndarray]:
-    """Split positions 0..N-1 of ``labels`` across ``num_devices`` devices (SPEC §4).
+    """Split positions 0..N-1 of ``labels`` across ``num_devices`` devices (design.md §4).
 
     Returns, per device, the sorted positions it holds. Parts are disjoint; for
     ``dirichlet`` and ``iid`` they cover every position. ``pathological`` (each

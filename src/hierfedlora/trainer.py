@@ -1,4 +1,4 @@
-"""Local training on one device (SPEC §2.3): LoRA of the planned layers + head, layers below frozen.
+"""Local training on one device (design.md §2.3): LoRA of the planned layers + head, layers below frozen.
 
 Pure in what matters: the result depends only on the payload, the plan, the batches and the seed,
 so the simulator, a resumed run and a Flower SuperNode all compute the same update.
@@ -6,7 +6,6 @@ so the simulator, a resumed run and a Flower SuperNode all compute the same upda
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,11 +17,7 @@ from hierfedlora.clock import step_flops
 from hierfedlora.data import collate
 from hierfedlora.lora_state import State
 from hierfedlora.models import LocalModel
-from hierfedlora.strategies.base import DevicePlan
-
-# name in DevicePlan.extra -> f(model, plan, value) -> loss term; methods register their own
-Regulariser = Callable[[LocalModel, DevicePlan, object], torch.Tensor]
-REGULARISERS: dict[str, Regulariser] = {}
+from hierfedlora.protocol import DeviceJob, DevicePlan, JobOutput, LocalTraining
 
 
 def sample_batches(positions: np.ndarray, steps: int, batch_size: int, seed: tuple[int, ...]) -> list[np.ndarray]:
@@ -45,23 +40,23 @@ def torch_seed(seed: tuple[int, ...]) -> int:
 
 
 def local_train(model: LocalModel, payload: State, plan: DevicePlan, batches: list[dict[str, torch.Tensor]],
-                lr: float, weight_decay: float, seed: int) -> tuple[State, float]:
+                settings: LocalTraining, seed: int) -> tuple[State, float]:
     """Train the plan's layers for len(batches) steps with AdamW; returns (update in device
-    convention: trained layers + head, mean training loss)."""
+    convention: trained layers + head, mean training loss). `seed` seeds dropout."""
     model.load(payload, plan.ranks, plan.train_layers)
     lowest = min(plan.train_layers) if plan.train_layers else model.num_layers
     model.train_mode(lowest)
     params = model.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     model.warm_prefix(batches)
     torch.manual_seed(seed)
     total = 0.0
     for batch in batches:
         loss = F.cross_entropy(model.logits(batch), batch["labels"].to(model.device))
         total += float(loss.detach())
-        for name, value in plan.extra.items():
-            if name in REGULARISERS:
-                loss = loss + REGULARISERS[name](model, plan, value)
+        for name, value in plan.options.items():
+            if name in settings.regularisers:
+                loss = loss + settings.regularisers[name](model, plan, value)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -69,7 +64,7 @@ def local_train(model: LocalModel, payload: State, plan: DevicePlan, batches: li
 
 
 def local_train_joined(model: LocalModel, items: list[tuple[State, DevicePlan, list[dict[str, torch.Tensor]], int]],
-                       lr: float, weight_decay: float) -> list[tuple[State, float]]:
+                       settings: LocalTraining) -> list[tuple[State, float]]:
     """`local_train` for several devices of the same plan shape at once, each item (payload, plan,
     batches, seed): one forward and one backward per step for all of them (`LocalModel.logits_joined`),
     each device with its own factors, head, optimiser and dropout stream, so each gets exactly what
@@ -77,7 +72,7 @@ def local_train_joined(model: LocalModel, items: list[tuple[State, DevicePlan, l
     plan = items[0][1]
     adapters = model.load_joined([payload for payload, _, _, _ in items], plan.ranks, plan.train_layers)
     model.train_mode(min(plan.train_layers) if plan.train_layers else model.num_layers)
-    opts = [torch.optim.AdamW([t for t in ad.parameters() if t.requires_grad], lr=lr, weight_decay=weight_decay)
+    opts = [torch.optim.AdamW([t for t in ad.parameters() if t.requires_grad], lr=settings.lr, weight_decay=settings.weight_decay)
             for ad in adapters]
     model.warm_prefix([b for _, _, batches, _ in items for b in batches])
     rng = []
@@ -147,20 +142,12 @@ class DeviceData:
     pad_id: int
 
 
-@dataclass
-class JobOutput:
-    update: State  # device convention: trained layers + head
-    train_loss: float
-    flops: float  # FLOPs of the local steps, from the real token lengths (for the simulated clock)
-    num_examples: int
-
-
 def joinable(model: LocalModel, plans: list[DevicePlan], sizes: list[int], batch_size: int) -> bool:
     """Whether these jobs can train together (`local_train_joined`): the same layers, ranks and
     steps, no method-specific options, and batches no smaller than the products' MIN_ROWS
     (`sizes`: each device's examples), so every product has the shape it has alone."""
     p = plans[0]
-    same = all(q.ranks == p.ranks and q.train_layers == p.train_layers and q.steps == p.steps and not q.extra
+    same = all(q.ranks == p.ranks and q.train_layers == p.train_layers and q.steps == p.steps and not q.options
                for q in plans)
     return same and model.joinable() and min(min(batch_size, n) for n in sizes) >= packed.MIN_ROWS
 
@@ -185,45 +172,44 @@ def lockstep_groups(model: LocalModel, plans: list[DevicePlan], sizes: list[int]
     return groups
 
 
-def run_jobs(model: LocalModel, jobs: list[tuple[DeviceData, State, DevicePlan, int]], *, seed: int, rnd: int,
-             batch_size: int, lr: float, weight_decay: float, backward_ratio: float, lockstep: int = 1) -> list[JobOutput]:
-    """`run_job` for each (data, payload, plan, call), up to `lockstep` devices at a time trained
+def run_jobs(model: LocalModel, jobs: list[tuple[DeviceData, DeviceJob]], rnd: int, settings: LocalTraining) -> list[JobOutput]:
+    """`run_job` for each (data, job), up to `settings.lockstep` devices at a time trained
     together where their plans allow it (`lockstep_groups`): the same outputs, fewer operations."""
-    groups = lockstep_groups(model, [j[2] for j in jobs], [len(j[0].positions) for j in jobs], batch_size, lockstep)
+    groups = lockstep_groups(model, [j.plan for _, j in jobs], [len(d.positions) for d, _ in jobs], settings.batch_size,
+                             settings.lockstep)
     out: list[JobOutput | None] = [None] * len(jobs)
     for g in groups:
         if len(g) == 1:
-            data, payload, plan, call = jobs[g[0]]
-            out[g[0]] = run_job(model, data, payload, plan, seed=seed, rnd=rnd, call=call, batch_size=batch_size, lr=lr,
-                                weight_decay=weight_decay, backward_ratio=backward_ratio)
+            out[g[0]] = run_job(model, *jobs[g[0]], rnd, settings)
             continue
         items, flops = [], []
         for i in g:
-            data, payload, plan, call = jobs[i]
-            batches, job_seed, f = _job_inputs(model, data, plan, seed, rnd, call, batch_size, backward_ratio)
-            items.append((payload, plan, batches, job_seed))
+            data, job = jobs[i]
+            batches, job_seed, f = _job_inputs(model, data, job, rnd, settings)
+            items.append((job.payload, job.plan, batches, job_seed))
             flops.append(f)
-        for i, (update, loss), f in zip(g, local_train_joined(model, items, lr, weight_decay), flops):
+        for i, (update, loss), f in zip(g, local_train_joined(model, items, settings), flops):
             out[i] = JobOutput(update, loss, f, len(jobs[i][0].positions))
     return out
 
 
-def _job_inputs(model: LocalModel, data: DeviceData, plan: DevicePlan, seed: int, rnd: int, call: int, batch_size: int,
-                backward_ratio: float) -> tuple[list[dict[str, torch.Tensor]], int, float]:
+def _job_inputs(model: LocalModel, data: DeviceData, job: DeviceJob, rnd: int,
+                settings: LocalTraining) -> tuple[list[dict[str, torch.Tensor]], int, float]:
     """A job's batches, dropout seed and FLOPs (for the simulated clock), from (seed, round, device, call)."""
-    picks = job_picks(data.positions, plan, seed=seed, rnd=rnd, call=call, batch_size=batch_size)
+    plan, seed = job.plan, settings.seed
+    picks = job_picks(data.positions, plan, seed=seed, rnd=rnd, call=job.call, batch_size=settings.batch_size)
     flops = sum(step_flops(model.cost, [len(data.ids[i]) for i in p], model.num_layers, len(plan.train_layers),
-                           backward_ratio) for p in picks)
-    return make_batches(data.ids, data.labels, picks, data.pad_id), torch_seed((seed, 5005, rnd, plan.device, call)), flops
+                           settings.backward_ratio) for p in picks)
+    return (make_batches(data.ids, data.labels, picks, data.pad_id), torch_seed((seed, 5005, rnd, plan.device, job.call)),
+            flops)
 
 
-def run_job(model: LocalModel, data: DeviceData, payload: State, plan: DevicePlan, *, seed: int, rnd: int,
-            call: int, batch_size: int, lr: float, weight_decay: float, backward_ratio: float) -> JobOutput:
-    """Everything a device does for one plan; the simulator and a Flower SuperNode both call this.
+def run_job(model: LocalModel, data: DeviceData, job: DeviceJob, rnd: int, settings: LocalTraining) -> JobOutput:
+    """Everything a device does for one job; the simulator and a Flower SuperNode both call this.
 
     Batches and the dropout seed derive from (seed, round, device, call), so the result does not
     depend on where or in which order devices run.
     """
-    batches, job_seed, flops = _job_inputs(model, data, plan, seed, rnd, call, batch_size, backward_ratio)
-    update, loss = local_train(model, payload, plan, batches, lr, weight_decay, job_seed)
+    batches, job_seed, flops = _job_inputs(model, data, job, rnd, settings)
+    update, loss = local_train(model, job.payload, job.plan, batches, settings, job_seed)
     return JobOutput(update, loss, flops, len(data.positions))

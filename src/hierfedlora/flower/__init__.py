@@ -1,4 +1,4 @@
-"""Deployment through Flower (SPEC §1.2): the same strategies on real SuperNodes.
+"""Deployment through Flower (design.md §1.2): the same strategies on real SuperNodes.
 
 - `server_app`: a ServerApp that runs `Simulation` with a `FlowerExecutor`;
 - `client_app`: a ClientApp that runs `trainer.run_job` for the device its node plays;

@@ -1,4 +1,4 @@
-"""The device side of a Flower deployment: a ClientApp that runs our local trainer (SPEC §1.2).
+"""The device side of a Flower deployment: a ClientApp that runs our local trainer (design.md §1.2).
 
 A SuperNode is one device of the fleet: its node config names the device (``partition-id``),
 and with it the data partition and the profile the server books its time with. The ClientApp
@@ -142,6 +142,8 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     from hierfedlora.lora_state import layer_of
+    from hierfedlora.protocol import DeviceJob
+    from hierfedlora.strategies.registry import trainer_options
     from hierfedlora.trainer import run_job
 
     received = wire.wire_bytes(msg.content)
@@ -169,7 +171,6 @@ def train(msg: Message, context: Context) -> Message:
 
     cfg = _config(str(setup["toml"]), str(setup["fingerprint"]))
     model = _model(cfg, setup)
-    out = run_job(model, _device_data(context), payload, plan, seed=int(settings["seed"]), rnd=rnd, call=call,
-                  batch_size=int(settings["batch-size"]), lr=float(settings["lr"]),
-                  weight_decay=float(settings["weight-decay"]), backward_ratio=float(settings["backward-ratio"]))
+    out = run_job(model, _device_data(context), DeviceJob(plan, payload, call), rnd,
+                  wire.settings_from_record(settings, trainer_options()))
     return Message(wire.reply_content(out, received), reply_to=msg)

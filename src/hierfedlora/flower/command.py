@@ -18,11 +18,8 @@ import time
 from pathlib import Path
 
 
-def add_parser(sub) -> None:
-    from hierfedlora.cli import add_experiment_arguments
-
-    f = sub.add_parser("flower", help="run one experiment across Flower SuperNodes on this machine (docs/flower.md)")
-    add_experiment_arguments(f, "runs/<config name>-flower", what="Flower run")
+def add_arguments(f: argparse.ArgumentParser) -> None:
+    """`hierfedlora flower`'s own arguments (the CLI adds those of every experiment command)."""
     f.add_argument("--supernodes", type=int, help="SuperNodes to start, playing devices 0..N-1 (default: fleet.num_devices)")
     f.add_argument("--tls", action="store_true", help="TLS between every process, with a CA and certificate generated for 127.0.0.1")
     f.add_argument("--auth", action="store_true", help="SuperNode authentication: a key pair per node, registered with the SuperLink (needs --tls)")
@@ -48,8 +45,8 @@ def _progress(out: Path, seen: list[int]) -> None:
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
-    from hierfedlora.cli import default_out, print_summary
     from hierfedlora.config import ConfigError, dump_config, load_config
+    from hierfedlora.experiment import check_run_dir, default_out, print_summary, resume_config
     from hierfedlora.flower.deploy import FederationError, LocalFederation
 
     if args.auth and not args.tls:
@@ -73,17 +70,11 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
     if args.resume:
         out = Path(args.resume)
-        if not (out / "config.toml").is_file():
-            raise ConfigError(f"'{out}' is not a run directory (no config.toml); pass the directory a run wrote.")
-        if args.config or args.set:
-            raise ConfigError("--resume takes the run's own config.toml; drop the CONFIG and --set arguments.")
-        cfg = load_config(out / "config.toml")
+        cfg = resume_config(out, args.config, args.set)
     else:
         cfg = load_config(args.config, args.set)
-        out = Path(args.out) if args.out else default_out(args.config).with_name(default_out(args.config).name + "-flower")
-        if out.exists() and any(out.iterdir()) and not args.overwrite:
-            raise FileExistsError(f"run directory '{out}' already holds a run; use --resume {out} to continue it, "
-                                  "--overwrite to replace it, or --out to pick another directory.")
+        out = Path(args.out) if args.out else default_out(args.config, "-flower")
+        check_run_dir(out, args.overwrite)
     out = out.resolve()
     work = Path(args.work) if args.work else out.with_name(out.name + ".flower")
     n = args.supernodes or cfg.fleet.num_devices

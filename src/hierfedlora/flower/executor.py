@@ -1,4 +1,4 @@
-"""FlowerExecutor: the engine's executor seam, backed by Flower SuperNodes (SPEC §1.2).
+"""FlowerExecutor: the engine's executor seam, backed by Flower SuperNodes (design.md §1.2).
 
 `Simulation` hands every `ctx.train(jobs)` of any strategy to `executor.run(rnd, jobs)`; this class
 turns the jobs into Flower messages (`messages.train_content`), sends them with
@@ -31,36 +31,28 @@ from flwr.app import Message
 
 from hierfedlora.config import ExperimentConfig
 from hierfedlora.flower import messages as wire
-from hierfedlora.lora_state import State, layer_of, num_bytes
-from hierfedlora.strategies.base import DevicePlan
-from hierfedlora.trainer import JobOutput
+from hierfedlora.lora_state import State, num_bytes
+from hierfedlora.protocol import DeviceJob, DevicePlan, Executor, JobOutput
 
 QUERY_ATTEMPTS = 3  # a node that does not answer its identity query is asked this often, then ignored
-
-
-def download_keys(plan: DevicePlan, payload: State) -> list[str]:
-    """The keys the engine's meter counts as downloaded (same rule as `Simulation._train`)."""
-    trained = set(plan.train_layers)
-    return [k for k in payload if plan.download == "all" or layer_of(k) is None or layer_of(k) in trained]
 
 
 class FlowerExecutor:
     """Runs device jobs on SuperNodes through a Flower `Grid` (see module docstring)."""
 
-    def __init__(self, grid, cfg: ExperimentConfig, out_dir: str | Path | None = None, *,
+    def __init__(self, grid, cfg: ExperimentConfig, out_dir: str | Path | None, evaluator: Executor, *,
                  round_timeout: float = 600.0, node_wait: float = 120.0, query_timeout: float = 120.0,
                  resume: bool = False, log=print):
-        from hierfedlora.engine import config_fingerprint
+        from hierfedlora.engine import config_fingerprint, local_training
 
         self.grid, self.cfg = grid, cfg
+        self.evaluator = evaluator  # evaluation runs on the server's model (`engine.LocalExecutor`)
         self.out = Path(out_dir) if out_dir else None
         self.round_timeout, self.node_wait, self.query_timeout = float(round_timeout), float(node_wait), float(query_timeout)
         self.log = log
         self.fingerprint = config_fingerprint(cfg)
         self.toml = tomli_w.dumps(cfg.to_dict())
-        t = cfg.train
-        self.settings = wire.settings_record(cfg.run.seed, t.batch_size, t.lr, t.weight_decay, cfg.fleet.backward_ratio,
-                                             self.fingerprint)
+        self.settings = wire.settings_record(local_training(cfg), self.fingerprint)
         self.nodes: dict[int, int] = {}  # device (partition-id) -> node id
         self.known: dict[int, int | None] = {}  # node id -> device it plays (None: unusable node)
         self.query_tries: dict[int, int] = {}
@@ -132,7 +124,7 @@ class FlowerExecutor:
         self._event(rnd, "start", nodes={str(d): n for d, n in sorted(self.nodes.items())}, missing=missing)
 
     # -- the executor seam -------------------------------------------------------------------
-    def run(self, rnd: int, jobs: list[tuple[DevicePlan, State, int]]) -> list[JobOutput | None]:
+    def run(self, rnd: int, jobs: list[DeviceJob]) -> list[JobOutput | None]:
         if not self.started:
             if self.out is not None and not self.resume:  # the engine has cleared its own files by now
                 for name in ("flower_nodes.jsonl", "flower_traffic.jsonl", "flower_traffic_summary.json"):
@@ -150,7 +142,7 @@ class FlowerExecutor:
         todo: dict[int, tuple[State, str]] = {}  # job index -> (what the device will hold, tag)
         msgs: dict[int, Message] = {}
         for i, (plan, payload, k) in enumerate(jobs):
-            keys = download_keys(plan, payload)
+            keys = plan.downloaded(payload)
             rows.append({"round": rnd, "call": k, "device": plan.device, "node_id": self.nodes.get(plan.device),
                          "link": plan.link, "download": plan.download, "status": "ok",
                          "meter_down": num_bytes(payload, bpp, keys), "meter_up": 0,
@@ -249,6 +241,12 @@ class FlowerExecutor:
         row["device_received_wire"] = int(content.metric_records[wire.METRICS]["received-bytes"])
 
     # -- the end of the run ------------------------------------------------------------------
+    def evaluate(self, payload: State, ranks: dict[int, int], batches: list) -> tuple[float, float]:
+        return self.evaluator.evaluate(payload, ranks, batches)
+
+    def close(self) -> None:
+        self.evaluator.close()
+
     def traffic_summary(self) -> dict[str, Any]:
         """Totals over completed jobs, per device and overall, meter vs Flower."""
         total: dict[str, int] = {}

@@ -27,8 +27,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from hierfedlora.lora_state import State
-from hierfedlora.strategies.base import DevicePlan
-from hierfedlora.trainer import JobOutput
+from hierfedlora.protocol import DevicePlan, JobOutput, LocalTraining
 
 TRAIN = "train"  # Flower message types
 QUERY = "query"
@@ -72,7 +71,7 @@ def plan_record(plan: DevicePlan, rnd: int, call: int, tag: str, base_tag: str) 
         "device": int(plan.device), "round": int(rnd), "call": int(call), "steps": int(plan.steps),
         "ranks": json.dumps({str(l): int(r) for l, r in sorted(plan.ranks.items())}),
         "train-layers": json.dumps([int(l) for l in plan.train_layers]),
-        "link": plan.link, "download": plan.download, "extra": json.dumps(plan.extra, sort_keys=True),
+        "link": plan.link, "download": plan.download, "options": json.dumps(plan.options, sort_keys=True),
         "tag": tag, "base-tag": base_tag,
     })
 
@@ -84,16 +83,23 @@ def plan_from_record(rec: ConfigRecord) -> tuple[DevicePlan, int, int]:
         ranks={int(l): int(r) for l, r in json.loads(str(rec["ranks"])).items()},
         train_layers=tuple(int(l) for l in json.loads(str(rec["train-layers"]))),
         steps=int(rec["steps"]), link=str(rec["link"]), download=str(rec["download"]),
-        extra=json.loads(str(rec["extra"])),
+        options=json.loads(str(rec["options"])),
     )
     return plan, int(rec["round"]), int(rec["call"])
 
 
-def settings_record(seed: int, batch_size: int, lr: float, weight_decay: float, backward_ratio: float,
-                    fingerprint: str) -> ConfigRecord:
-    return ConfigRecord({"seed": int(seed), "batch-size": int(batch_size), "lr": float(lr),
-                         "weight-decay": float(weight_decay), "backward-ratio": float(backward_ratio),
+def settings_record(s: LocalTraining, fingerprint: str) -> ConfigRecord:
+    """The local-training settings (a device trains one job at a time: no lockstep; its method's
+    loss terms are found by name on the device, `registry.trainer_options`)."""
+    return ConfigRecord({"seed": int(s.seed), "batch-size": int(s.batch_size), "lr": float(s.lr),
+                         "weight-decay": float(s.weight_decay), "backward-ratio": float(s.backward_ratio),
                          "fingerprint": fingerprint})
+
+
+def settings_from_record(rec: ConfigRecord, regularisers: dict[str, Any]) -> LocalTraining:
+    return LocalTraining(seed=int(rec["seed"]), batch_size=int(rec["batch-size"]), lr=float(rec["lr"]),
+                         weight_decay=float(rec["weight-decay"]), backward_ratio=float(rec["backward-ratio"]),
+                         regularisers=regularisers)
 
 
 def train_content(payload: State, plan: DevicePlan, rnd: int, call: int, tag: str, base_tag: str,
@@ -136,7 +142,3 @@ def experiment_content(toml_text: str, fingerprint: str) -> RecordDict:
 def node_content(partition_id: int, num_examples: int, fingerprint: str) -> RecordDict:
     return RecordDict({NODE: ConfigRecord({"partition-id": int(partition_id), "num-examples": int(num_examples),
                                            "fingerprint": fingerprint})})
-
-
-def json_safe(d: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(d, default=str))

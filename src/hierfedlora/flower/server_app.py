@@ -66,8 +66,9 @@ def resolve_config_path(path: str, app_dir: Path | None) -> Path | None:
 
 def run_on_grid(grid: Grid, opts: ServerOptions, log=print) -> dict[str, Any]:
     """Run one experiment with its devices on the grid's SuperNodes; returns the summary."""
-    from hierfedlora.cli import run_experiment
     from hierfedlora.config import load_config
+    from hierfedlora.experiment import run_experiment
+    from hierfedlora.engine import LocalExecutor
     from hierfedlora.flower.executor import FlowerExecutor
 
     out = Path(opts.run_dir).expanduser()
@@ -76,11 +77,16 @@ def run_on_grid(grid: Grid, opts: ServerOptions, log=print) -> dict[str, Any]:
         cfg = load_config(out / "config.toml")
     else:
         cfg = load_config(resolve_config_path(opts.experiment_config, _app_dir(grid)), list(opts.overrides))
-    executor = FlowerExecutor(grid, cfg, out, round_timeout=opts.round_timeout, node_wait=opts.node_wait,
-                              query_timeout=opts.query_timeout, resume=resume, log=log)
+    made: list[FlowerExecutor] = []
+
+    def executor(sim) -> FlowerExecutor:  # evaluation stays in this process, on the server's model
+        made.append(FlowerExecutor(grid, cfg, out, LocalExecutor(sim), round_timeout=opts.round_timeout,
+                                   node_wait=opts.node_wait, query_timeout=opts.query_timeout, resume=resume, log=log))
+        return made[0]
+
     log(f"[flower] {cfg.method.get('name', 'fedlora')}: {cfg.fleet.num_devices} devices, {cfg.run.rounds} rounds -> {out}")
     summary = run_experiment(cfg, out, overwrite=opts.overwrite, resume=resume, progress=False, executor=executor)
-    traffic = executor.traffic_summary()
+    traffic = made[0].traffic_summary()
     (out / "flower_traffic_summary.json").write_text(json.dumps(traffic, indent=2))
     summary["flower"] = {k: traffic[k] for k in ("meter_bytes", "flower_tensor_bytes", "flower_wire_bytes",
                                                  "wire_over_meter", "nodes")}

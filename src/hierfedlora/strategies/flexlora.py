@@ -1,4 +1,4 @@
-"""FlexLoRA baseline (SPEC §2; Bai et al., "Federated Fine-tuning of Large Language Models under
+"""FlexLoRA baseline (design.md §2; Bai et al., "Federated Fine-tuning of Large Language Models under
 Heterogeneous Tasks and Client Resources", NeurIPS 2024): devices train LoRA in every layer at their
 own rank r_k; the server forms the full update ΔW_l = Σ_k p_k·ΔW_{k,l} (p_k ∝ data size), takes its
 SVD and keeps rank-R factors, of which each device receives the first r_k slots: the best rank-r_k
@@ -25,7 +25,8 @@ from typing import Any
 
 from hierfedlora.aggregate import svd_redistribute
 from hierfedlora.lora_state import State
-from hierfedlora.strategies.base import DevicePlan, Job, RoundContext, RoundReport, SetupInfo, weighted_loss
+from hierfedlora.protocol import DevicePlan, RoundContext, SetupInfo, TrainResult
+from hierfedlora.strategies.base import OneShotStrategy
 from hierfedlora.strategies.hetlora import RankSettings, capacity_ranks, device_capacity, resolve_rank_bounds
 
 NAME = "flexlora"
@@ -35,7 +36,7 @@ class Settings(RankSettings):
     """rank_min, rank_max, capacity: as HetLoRA's (see `hetlora.RankSettings`)."""
 
 
-class Strategy:
+class Strategy(OneShotStrategy):
     def __init__(self, settings: Settings, setup: SetupInfo):
         self.setup = setup
         self.L = setup.layout.num_layers
@@ -45,28 +46,13 @@ class Strategy:
     def global_ranks(self) -> dict[int, int]:
         return {l: self.rank_max for l in range(self.L)}
 
-    def lowest_trainable_layer(self) -> int:
-        return 0
+    def plan(self, rnd: int, ctx: RoundContext) -> tuple[list[DevicePlan], dict[str, Any]]:
+        plans = [DevicePlan(d, {l: self.ranks[d] for l in range(self.L)}, tuple(range(self.L)), self.setup.local_steps)
+                 for d in ctx.available]
+        return plans, {"device_config": [{"device": d, "depth": self.L, "ranks": [self.ranks[d]] * self.L} for d in ctx.available]}
 
-    def run_round(self, rnd: int, state: State, ctx: RoundContext) -> tuple[State, RoundReport]:
-        plans = {d: DevicePlan(d, {l: self.ranks[d] for l in range(self.L)}, tuple(range(self.L)), self.setup.local_steps)
-                 for d in ctx.available}
-        config = [{"device": d, "depth": self.L, "ranks": [self.ranks[d]] * self.L} for d in ctx.available]
-        results = ctx.train([Job(p, state) for p in plans.values()])
-        if not results:
-            return state, RoundReport(0.0, float("nan"), [], {"device_config": config})
+    def aggregate(self, state: State, results: list[TrainResult], plans: dict[int, DevicePlan]) -> tuple[State, dict[str, Any]]:
         # ΔW_l = Σ_k p_k ΔW_{k,l},  p_k = n_k / Σ n;  A_l, B_l = SVD_R(ΔW_l)
         new = svd_redistribute(state, [r.update for r in results], [plans[r.device].ranks for r in results],
                                [r.num_examples for r in results], self.setup.alpha, self.global_ranks())
-        return new, RoundReport(
-            sim_time_s=max(r.time_s for r in results),
-            train_loss=weighted_loss(results),
-            participants=[r.device for r in results],
-            extra={"device_config": config},
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        pass
+        return new, {}

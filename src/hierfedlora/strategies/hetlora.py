@@ -1,4 +1,4 @@
-"""HetLoRA baseline (SPEC §2; Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device
+"""HetLoRA baseline (design.md §2; Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device
 Foundation Models", EMNLP 2024): each device trains LoRA in every layer at its own rank r_k, chosen
 from its capacity; the server keeps the maximum rank, sends each device the first r_k slots, and
 aggregates by zero-padding to the maximum rank and averaging with weights ‖B_k A_k‖_F.
@@ -18,8 +18,8 @@ Our reading, where the paper leaves details open:
   λ·Σ_{l,m} (α/r)·‖B[:, c:r] A[c:r]‖_F to its loss, c = max(1, min(r−1, ⌊γ·r⌋)): the ΔW of its tail
   slots, pushed toward zero. The server measures that tail norm on the returned update; when it is
   smaller than the device's previous measurement (with `prune_ranks`), the device's rank drops to
-  max(r_min, c) from the next round on. λ and γ reach the device through `DevicePlan.extra`, and the
-  loss term is registered in `trainer.REGULARISERS` under `hetlora_prune` when this module is imported.
+  max(r_min, c) from the next round on. λ and γ reach the device through `DevicePlan.options`, and the
+  loss term is declared in this module's `TRAINER_OPTIONS` under `hetlora_prune` (see `registry`).
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hierfedlora.aggregate import delta_norms, lora_modules, zero_pad_average
 from hierfedlora.lora_state import State, lora_key, parse_key
-from hierfedlora.strategies.base import DevicePlan, Job, RoundContext, RoundReport, SetupInfo, weighted_loss
-from hierfedlora.trainer import REGULARISERS
+from hierfedlora.protocol import DevicePlan, RoundContext, SetupInfo, TrainResult
+from hierfedlora.strategies.base import OneShotStrategy
 
 NAME = "hetlora"
-PRUNE_KEY = "hetlora_prune"  # DevicePlan.extra: λ (the regulariser's strength)
-GAMMA_KEY = "hetlora_prune_gamma"  # DevicePlan.extra: γ (fraction of the rank kept)
+PRUNE_KEY = "hetlora_prune"  # DevicePlan.options: λ (the regulariser's strength)
+GAMMA_KEY = "hetlora_prune_gamma"  # DevicePlan.options: γ (fraction of the rank kept)
 
 
 class RankSettings(BaseModel):
@@ -104,7 +104,7 @@ def _product_norm(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 def prune_penalty(model, plan: DevicePlan, value: object) -> torch.Tensor:
     """λ·Σ_{l,m} (α/r)·‖B[:, c:r] A[c:r]‖_F over the trained layers (device convention)."""
-    gamma = float(plan.extra.get(GAMMA_KEY, 0.9))
+    gamma = float(plan.options.get(GAMMA_KEY, 0.9))
     total = torch.zeros((), device=model.device)
     for (layer, _), mod in sorted(model.lora.items()):
         r = plan.ranks.get(layer, 0)
@@ -116,7 +116,7 @@ def prune_penalty(model, plan: DevicePlan, value: object) -> torch.Tensor:
     return float(value) * total
 
 
-REGULARISERS[PRUNE_KEY] = prune_penalty
+TRAINER_OPTIONS = {PRUNE_KEY: prune_penalty}  # declared to the trainer through `registry.trainer_options`
 
 
 def tail_norm(update: State, rank: int, gamma: float, alpha: float, global_ranks: dict[int, int]) -> float:
@@ -145,7 +145,7 @@ def aggregation_weights(update: State, num_examples: int, alpha: float, global_r
     return out
 
 
-class Strategy:
+class Strategy(OneShotStrategy):
     def __init__(self, settings: Settings, setup: SetupInfo):
         self.s = settings
         self.setup = setup
@@ -158,41 +158,32 @@ class Strategy:
     def global_ranks(self) -> dict[int, int]:
         return {l: self.rank_max for l in range(self.L)}
 
-    def lowest_trainable_layer(self) -> int:
-        return 0
-
-    def plan(self, device: int) -> DevicePlan:
-        r = self.ranks[device]
-        extra = {}
-        if self.s.prune_strength > 0 and r > self.rank_min:
-            extra = {PRUNE_KEY: self.s.prune_strength, GAMMA_KEY: self.s.prune_gamma}
-        return DevicePlan(device, {l: r for l in range(self.L)}, tuple(range(self.L)), self.setup.local_steps, extra=extra)
-
-    def run_round(self, rnd: int, state: State, ctx: RoundContext) -> tuple[State, RoundReport]:
-        plans = {d: self.plan(d) for d in ctx.available}
+    def plan(self, rnd: int, ctx: RoundContext) -> tuple[list[DevicePlan], dict[str, Any]]:
         config = [{"device": d, "depth": self.L, "ranks": [self.ranks[d]] * self.L} for d in ctx.available]
-        results = ctx.train([Job(p, state) for p in plans.values()])
-        if not results:
-            return state, RoundReport(0.0, float("nan"), [], {"device_config": config})
+        return [self.device_plan(d) for d in ctx.available], {"device_config": config}
+
+    def device_plan(self, device: int) -> DevicePlan:
+        r = self.ranks[device]
+        options = {}
+        if self.s.prune_strength > 0 and r > self.rank_min:
+            options = {PRUNE_KEY: self.s.prune_strength, GAMMA_KEY: self.s.prune_gamma}
+        return DevicePlan(device, {l: r for l in range(self.L)}, tuple(range(self.L)), self.setup.local_steps, options=options)
+
+    def aggregate(self, state: State, results: list[TrainResult], plans: dict[int, DevicePlan]) -> tuple[State, dict[str, Any]]:
         G = self.global_ranks()
         masks = [plans[r.device].ranks for r in results]
         weights = [aggregation_weights(r.update, r.num_examples, self.setup.alpha, G, self.s.weighting) for r in results]
         # x_l = Σ_k w_{k,l}·pad(u_{k,l}) / Σ_k w_{k,l}
         new = zero_pad_average(state, [r.update for r in results], masks, weights)
         pruned = self._self_prune(results, plans)
-        return new, RoundReport(
-            sim_time_s=max(r.time_s for r in results),
-            train_loss=weighted_loss(results),
-            participants=[r.device for r in results],
-            extra={"device_config": config, **({"pruned": pruned} if self.s.prune_strength > 0 else {})},
-        )
+        return new, ({"pruned": pruned} if self.s.prune_strength > 0 else {})
 
     def _self_prune(self, results, plans: dict[int, DevicePlan]) -> list[int]:
         """Shrink r_k to max(r_min, c) for devices whose regularised tail norm decreased."""
         pruned = []
         for res in results:
             d = res.device
-            if PRUNE_KEY not in plans[d].extra:
+            if PRUNE_KEY not in plans[d].options:
                 continue
             r = self.ranks[d]
             tail = tail_norm(res.update, r, self.s.prune_gamma, self.setup.alpha, self.global_ranks())

@@ -1,15 +1,15 @@
-"""HierFedLoRA (SPEC §2, the main system): near-IID device groups, a bandit per group choosing
+"""HierFedLoRA (design.md §2, the main system): near-IID device groups, a bandit per group choosing
 fine-tuning depth and intra-group frequency, and layer-wise aggregation at the PS.
 
-Setup (once). Devices are split into K groups by `grouping.group_devices` (SPEC §2 step 1): pooled
+Setup (once). Devices are split into K groups by `grouping.group_devices` (design.md §2 step 1): pooled
 label histograms close to the global one, plus λ times the spread of the devices' predicted round
 times (one full-depth intra-group round: E local steps + model down/up on the group link, from the
 base profiles). The grouping is reported per group in `grouping.json`.
 
 Each global round, for every group k with available members (groups run concurrently in simulated
-time; the global round ends when the last group reports, SPEC §3):
+time; the global round ends when the last group reports, design.md §3):
 
-1. *Arm* (SPEC §2 step 2). The group's R-UCB bandit (`bandit.RUCB`) picks (d_k, τ_k) among the
+1. *Arm* (design.md §2 step 2). The group's R-UCB bandit (`bandit.RUCB`) picks (d_k, τ_k) among the
    eligible arms of `depths × taus`. An arm is eligible when its predicted round time fits the time
    budget and (if set) its predicted traffic fits `traffic_budget_mb`. Predictions use
    `SetupInfo.predict_compute_s / payload_bytes / predict_transfer_s` with this round's profiles
@@ -24,7 +24,7 @@ time; the global round ends when the last group reports, SPEC §3):
    waits for the slowest group anyway (on deeper training or more syncs), instead of idling. If no
    arm is eligible the arm with the smallest predicted time is played (recorded as not eligible).
    `fixed_depth` / `fixed_tau` pin one coordinate (ablations); pinning both bypasses the budget.
-2. *Local training and intra-group FedAvg* (SPEC §2 steps 3-4), τ_k times: each member trains E
+2. *Local training and intra-group FedAvg* (design.md §2 steps 3-4), τ_k times: each member trains E
    local steps on LoRA of its top d_k layers (L-d_k .. L-1) + the head, with no backward below;
    it still applies the frozen group-model LoRA of the lower layers, so the plan gives every layer
    the global rank. From the second intra-group round on, devices already hold the frozen layers
@@ -32,7 +32,7 @@ time; the global round ends when the last group reports, SPEC §3):
    trained layers and the head; lower layers stay as the global model had them. Intra-group round
    s of every group goes to the devices as one batch of jobs (the groups do not depend on each
    other within a round), so the simulator's workers can share out all groups' jobs at once.
-3. *Links* (SPEC §3). With `fleet.aggregator = "edge"` devices talk to an edge aggregator over the
+3. *Links* (design.md §3). With `fleet.aggregator = "edge"` devices talk to an edge aggregator over the
    LAN, and the aggregator exchanges the group model with the PS over its own WAN link
    (`fleet.EDGE_AGGREGATOR`): the whole model down at the start of the round, the trained layers
    and the head up at the end. With `"ps"` the PS is the group aggregator: devices use the WAN for
@@ -73,7 +73,8 @@ from hierfedlora.clock import transfer_time
 from hierfedlora.fleet import EDGE_AGGREGATOR, DeviceProfile
 from hierfedlora.grouping import group_devices, grouping_report, random_groups
 from hierfedlora.lora_state import State, layer_of, num_bytes
-from hierfedlora.strategies.base import DevicePlan, Job, RoundContext, RoundReport, SetupInfo, TrainResult, weighted_loss
+from hierfedlora.protocol import DevicePlan, Job, RoundContext, RoundReport, SetupInfo, TrainResult
+from hierfedlora.strategies.base import StrategyBase, weighted_loss
 
 NAME = "hierfedlora"
 
@@ -167,7 +168,7 @@ def reward_of(before: tuple[float, float], after: tuple[float, float], seconds: 
 
 # -- the strategy --------------------------------------------------------------------------------
 
-class Strategy:
+class Strategy(StrategyBase):
     def __init__(self, settings: Settings, setup: SetupInfo):
         self.s = settings
         self.setup = setup
@@ -339,6 +340,16 @@ class Strategy:
         out = Path(out_dir)
         (out / "grouping.json").write_text(json.dumps(self.grouping(), indent=2))
         plot_arms(rows, out / "arms.png", len(self.groups))
+
+    @staticmethod
+    def report_figures(rows: list[dict[str, Any]], out_dir: Path, label: str) -> list[str]:
+        """The arms plot of a run (groups counted from its rows)."""
+        groups = [g["group"] for row in rows for g in row.get("groups", [])]
+        if not groups:
+            return []
+        name = f"arms_{label}.png"
+        plot_arms(rows, Path(out_dir) / name, 1 + max(groups))
+        return [name]
 
 
 def plot_arms(rows: list[dict[str, Any]], path: str | Path, num_groups: int) -> None:

@@ -1,4 +1,4 @@
-"""LEGEND (SPEC §2; seed paper 001, "Adaptive Parameter-Efficient Federated Fine-Tuning on
+"""LEGEND (design.md §2; seed paper 001, "Adaptive Parameter-Efficient Federated Fine-Tuning on
 Heterogeneous Devices"): each device i runs LoRA only in its top D_i layers (its *LoRA depth*; the
 layers below run without LoRA on that device), all of them trained, with a *rank distribution* R_l
 that rises toward the output. A configuration step picks every D_i from the device's predicted
@@ -51,7 +51,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from hierfedlora.aggregate import masked_slot_average
 from hierfedlora.fleet import DeviceProfile
 from hierfedlora.lora_state import State
-from hierfedlora.strategies.base import DevicePlan, Job, RoundContext, RoundReport, SetupInfo, weighted_loss
+from hierfedlora.protocol import DevicePlan, RoundContext, SetupInfo, TrainResult
+from hierfedlora.strategies.base import OneShotStrategy
 
 NAME = "legend"
 
@@ -178,7 +179,7 @@ def config_metrics(cfg: Configuration, devices: list[int], num_layers: int, budg
     return out
 
 
-class Strategy:
+class Strategy(OneShotStrategy):
     def __init__(self, settings: Settings, setup: SetupInfo):
         self.s = settings
         self.setup = setup
@@ -199,25 +200,18 @@ class Strategy:
         layers = sorted(l for l, r in self.ranks_l.items() if r > 0)
         return layers[-min(self.s.depth_max or len(layers), len(layers))]
 
-    def run_round(self, rnd: int, state: State, ctx: RoundContext) -> tuple[State, RoundReport]:
+    def plan(self, rnd: int, ctx: RoundContext) -> tuple[list[DevicePlan], dict[str, Any]]:
         if self.config is None or (rnd - 1) % self.s.reconfigure_every == 0:
             self.config = configure(self.setup, self.s, self.ranks_l, ctx.profiles)
         cfg = self.config
-        plans = {d: DevicePlan(d, cfg.ranks[d], tuple(sorted(cfg.ranks[d])), self.setup.local_steps)
-                 for d in ctx.available}
-        extra = config_metrics(cfg, ctx.available, self.L, self.s.traffic_budget_mb is not None)
-        results = ctx.train([Job(p, state) for p in plans.values()])
-        if not results:
-            return state, RoundReport(0.0, float("nan"), [], extra)
+        plans = [DevicePlan(d, cfg.ranks[d], tuple(sorted(cfg.ranks[d])), self.setup.local_steps) for d in ctx.available]
+        return plans, config_metrics(cfg, ctx.available, self.L, self.s.traffic_budget_mb is not None)
+
+    def aggregate(self, state: State, results: list[TrainResult], plans: dict[int, DevicePlan]) -> tuple[State, dict[str, Any]]:
         # x_l[j] = Σ_k n_k·m_{k,l,j}·u_{k,l}[j] / Σ_k n_k·m_{k,l,j}
         new = masked_slot_average(state, [r.update for r in results], [plans[r.device].ranks for r in results],
                                   [r.num_examples for r in results])
-        return new, RoundReport(
-            sim_time_s=max(r.time_s for r in results),
-            train_loss=weighted_loss(results),
-            participants=[r.device for r in results],
-            extra=extra,
-        )
+        return new, {}
 
     def state_dict(self) -> dict[str, Any]:
         c = self.config

@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hierfedlora.aggregate import slot_average
 from hierfedlora.lora_state import State
-from hierfedlora.strategies.base import DevicePlan, Job, RoundContext, RoundReport, SetupInfo, weighted_loss
+from hierfedlora.protocol import DevicePlan, RoundContext, SetupInfo, TrainResult
+from hierfedlora.strategies.base import OneShotStrategy
 
 NAME = "fedlora_topk"
 
@@ -20,7 +21,7 @@ class Settings(BaseModel):
     depth: int = Field(2, ge=1, description="LoRA depth d: the top d layers (counted from the output) get LoRA and train.")
 
 
-class Strategy:
+class Strategy(OneShotStrategy):
     def __init__(self, settings: Settings, setup: SetupInfo):
         self.setup = setup
         self.L = setup.layout.num_layers
@@ -34,18 +35,10 @@ class Strategy:
     def lowest_trainable_layer(self) -> int:
         return self.layers[0]
 
-    def run_round(self, rnd: int, state: State, ctx: RoundContext) -> tuple[State, RoundReport]:
+    def plan(self, rnd: int, ctx: RoundContext) -> tuple[list[DevicePlan], dict[str, Any]]:
         ranks = self.global_ranks()
-        plans = [DevicePlan(d, ranks, self.layers, self.setup.local_steps) for d in ctx.available]
-        results = ctx.train([Job(p, state) for p in plans])
-        if not results:
-            return state, RoundReport(0.0, float("nan"), [])
+        return [DevicePlan(d, ranks, self.layers, self.setup.local_steps) for d in ctx.available], {}
+
+    def aggregate(self, state: State, results: list[TrainResult], plans: dict[int, DevicePlan]) -> tuple[State, dict[str, Any]]:
         # x ← Σ_k n_k x_k / Σ_k n_k over the trained layers and the head
-        new = slot_average(state, [r.update for r in results], [r.num_examples for r in results])
-        return new, RoundReport(max(r.time_s for r in results), weighted_loss(results), [r.device for r in results])
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        pass
+        return slot_average(state, [r.update for r in results], [r.num_examples for r in results]), {}

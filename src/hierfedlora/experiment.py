@@ -1,0 +1,116 @@
+"""The library entry point: run one experiment into a run directory, as every front end does.
+
+`hierfedlora run`, `hierfedlora compare`, `hierfedlora flower` and the Flower ServerApp all call
+`run_experiment`; the rules about run directories (never clobber a run unless asked, resume from
+the run's own config) live here once, so the front ends cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hierfedlora.config import ConfigError, ExperimentConfig, dump_config, load_config
+
+
+def default_out(config_path: str | None, suffix: str = "") -> Path:
+    """runs/<config name><suffix> (runs/default<suffix> without a config file)."""
+    return Path("runs") / ((Path(config_path).stem if config_path else "default") + suffix)
+
+
+def resume_config(out: Path, config: str | None, overrides: list[str]) -> ExperimentConfig:
+    """The config of the run in `out`, for --resume; a resumed run takes no other config."""
+    path = out / "config.toml"
+    if not path.is_file():
+        raise ConfigError(f"'{out}' is not a run directory (no config.toml); pass the directory a run wrote.")
+    if config or overrides:
+        raise ConfigError("--resume takes the run's own config.toml; drop the CONFIG and --set arguments.")
+    return load_config(path)
+
+
+def check_run_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to clobber an earlier run in `out` unless asked to."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"run directory '{out}' already holds a run; use --resume {out} to continue it, "
+                              "--overwrite to replace it, or --out to pick another directory.")
+
+
+def prepare_run_dir(cfg: ExperimentConfig, out: Path, overwrite: bool) -> None:
+    """Create the run directory (see `check_run_dir`) and write the resolved config into it."""
+    from hierfedlora.engine import CHECKPOINT
+
+    check_run_dir(out, overwrite)
+    for name in ("metrics.jsonl", CHECKPOINT, "summary.json"):
+        (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.toml")
+
+
+def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False, resume: bool = False,
+                   progress: bool = True, export: bool = True, executor: Callable | None = None) -> dict[str, Any]:
+    """Run (or resume) one experiment into `out`; returns its summary. `executor(sim)` builds what
+    runs the devices' jobs (default: this process; `hierfedlora.flower` passes one that uses
+    SuperNodes)."""
+    from tqdm.auto import tqdm
+
+    from hierfedlora.adapter import export_adapter
+    from hierfedlora.engine import CHECKPOINT, Simulation
+    from hierfedlora.plots import plot_accuracy
+
+    if not resume:
+        prepare_run_dir(cfg, out, overwrite)
+    t0 = time.perf_counter()
+    sim = Simulation(cfg, out, executor=executor)
+    if resume and (out / CHECKPOINT).exists():
+        sim.load_checkpoint(out / CHECKPOINT)
+    bar = tqdm(total=cfg.run.rounds, initial=sim.round, desc=sim.method, unit="round",
+               disable=not progress, dynamic_ncols=True)
+    last_acc: list[float] = []
+
+    def on_round(row: dict[str, Any]) -> None:
+        if "test_acc" in row:
+            last_acc[:] = [row["test_acc"]]
+        if row["round"] > 0:
+            bar.update(1)
+        post = {"sim": f"{row['sim_time_s'] / 60:.1f}min"}
+        if last_acc:
+            post["acc"] = f"{100 * last_acc[0]:.1f}%"
+        bar.set_postfix(post)
+
+    try:
+        sim.run(on_round)
+    finally:
+        bar.close()
+        sim.executor.close()
+    summary = sim.summary()
+    summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_accuracy(sim.rows, out / "accuracy.png", title=f"{sim.method} on {cfg.data.name}")
+    sim.strategy.write_outputs(out, sim.rows)
+    if export:
+        export_adapter(sim.state, sim.global_ranks, cfg.model.name, cfg.model.target_modules, cfg.model.alpha,
+                       sim.work.label_names, out / "adapter", seed=cfg.run.seed)
+    return summary
+
+
+def print_summary(summary: dict[str, Any], out: Path) -> None:
+    """The summary as a table on the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{summary['method']} -> {out}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    fmt = {
+        "final_acc": lambda v: f"{100 * v:.2f}%", "best_acc": lambda v: f"{100 * v:.2f}%",
+        "sim_time_s": lambda v: f"{v / 60:.1f} min", "bytes_total": lambda v: f"{v / 1e6:.1f} MB",
+        "time_to_target_s": lambda v: f"{v / 60:.1f} min", "wall_time_s": lambda v: f"{v:.0f} s",
+    }
+    for k, f in fmt.items():
+        if k in summary:
+            v = summary[k]
+            t.add_row(k, "not reached" if v is None else f(v))
+    Console().print(t)

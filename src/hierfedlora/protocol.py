@@ -1,0 +1,245 @@
+"""The seams of hierfedlora, declared in one place: what crosses between the layers.
+
+Data flows one way (docs/design.md): config -> data & model -> fleet -> a `Strategy` plans a round as
+`Job`s -> an `Executor` runs each as a `DeviceJob` on its device and returns a `JobOutput` -> the
+engine books time and traffic into a `TrainResult` -> the strategy aggregates and returns a
+`RoundReport`. Every type here is plain data or a protocol; this module imports no model code, so
+strategies, the device runtime, the engine and the Flower adapter can all depend on it and on
+nothing above it. A capability that a strategy or executor may have is declared here with its
+default (`strategies.base.StrategyBase`), never probed with `hasattr`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import torch
+
+from hierfedlora.clock import ModelCost, compute_time, step_flops, transfer_time
+from hierfedlora.fleet import DeviceProfile
+from hierfedlora.lora_state import State, layer_of
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a LoRA state looks like for this model: layers, targeted modules and their shapes."""
+
+    num_layers: int
+    modules: dict[str, tuple[int, int]]  # module path inside a layer -> (in_features, out_features)
+    head: dict[str, tuple[int, ...]]  # head param name -> shape
+
+    def params_per_rank(self, layer: int) -> int:
+        """LoRA parameters of one rank slot in one layer (A row + B column, over modules)."""
+        return sum(i + o for i, o in self.modules.values())
+
+    def head_params(self) -> int:
+        n = 0
+        for s in self.head.values():
+            k = 1
+            for d in s:
+                k *= d
+            n += k
+        return n
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """What one device does in one (intra-group) round.
+
+    `ranks` maps every layer whose LoRA the device applies to its rank there (layers left out run
+    without LoRA); `train_layers` is the subset whose LoRA trains. The device downloads the applied
+    layers and the head (`download="all"`) or, when it already holds the frozen ones from earlier in
+    this global round, only the trained layers and the head (`download="trained"`). It uploads the
+    trained layers and the head. `link` is the network it talks over: "wan" to the parameter server,
+    "lan" to its group aggregator. `options` carries method-specific trainer options (e.g. a
+    regulariser), each a name that its method declares in `TRAINER_OPTIONS` (see `registry`).
+    """
+
+    device: int
+    ranks: dict[int, int]
+    train_layers: tuple[int, ...]
+    steps: int
+    link: str = "wan"
+    download: str = "all"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = [l for l in self.train_layers if self.ranks.get(l, 0) <= 0]
+        if bad:
+            raise ValueError(f"device {self.device}: trains layers {bad} that have no LoRA rank in its plan")
+        if self.download not in ("all", "trained") or self.link not in ("wan", "lan"):
+            raise ValueError(f"device {self.device}: bad download '{self.download}' or link '{self.link}'")
+
+    def downloaded(self, payload: State) -> list[str]:
+        """The keys of `payload` the device downloads (and the meter counts): all of them, or with
+        `download="trained"` only the trained layers' and the head's."""
+        trained = set(self.train_layers)
+        return [k for k in payload if self.download == "all" or layer_of(k) is None or layer_of(k) in trained]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A plan and the server-convention state the device starts from (global or group model)."""
+
+    plan: DevicePlan
+    state: State
+
+
+@dataclass
+class TrainResult:
+    device: int
+    update: State  # trained layers (server convention, rank r) + head
+    num_examples: int
+    train_loss: float
+    compute_s: float
+    down_s: float
+    up_s: float
+    bytes_down: int
+    bytes_up: int
+
+    @property
+    def time_s(self) -> float:
+        return self.down_s + self.compute_s + self.up_s
+
+
+@dataclass
+class RoundReport:
+    sim_time_s: float  # duration of this global round in simulated seconds
+    train_loss: float
+    participants: list[int]
+    extra: dict[str, Any] = field(default_factory=dict)  # method-specific metrics (arms, groups, ...)
+
+
+@dataclass(frozen=True)
+class SetupInfo:
+    """What a strategy may know before training starts (design.md §2-3)."""
+
+    layout: Layout
+    profiles: list[DeviceProfile]  # base profiles (before per-round fluctuation)
+    num_examples: list[int]
+    label_hists: np.ndarray  # [num_devices, num_classes] counts
+    mean_seq_len: list[float]
+    cost: ModelCost
+    rank: int
+    alpha: float
+    local_steps: int
+    batch_size: int
+    bytes_per_param: int
+    backward_ratio: float
+    aggregator: str  # "edge" or "ps"
+    seed: int
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.profiles)
+
+    def predict_compute_s(self, device: int, trained_layers: int, steps: int | None = None, profile: DeviceProfile | None = None) -> float:
+        """Expected compute time of `steps` local steps training the top `trained_layers` layers."""
+        n = max(1, round(self.mean_seq_len[device]))
+        b = min(self.batch_size, max(1, self.num_examples[device]))
+        flops = step_flops(self.cost, [n] * b, self.layout.num_layers, trained_layers, self.backward_ratio)
+        return compute_time(flops, profile or self.profiles[device]) * (steps or self.local_steps)
+
+    def payload_bytes(self, ranks: dict[int, int], layers: list[int] | None = None) -> int:
+        """Bytes of the LoRA slots of `layers` (all ranked layers when None) at `ranks`, plus the head."""
+        ls = [l for l in (ranks if layers is None else layers) if ranks.get(l, 0) > 0]
+        n = sum(ranks[l] * self.layout.params_per_rank(l) for l in ls) + self.layout.head_params()
+        return n * self.bytes_per_param
+
+    def predict_transfer_s(self, device: int, nbytes_down: int, nbytes_up: int, link: str = "wan", profile: DeviceProfile | None = None) -> float:
+        up, down, lat = (profile or self.profiles[device]).link(link)
+        return transfer_time(nbytes_down, down, lat) + transfer_time(nbytes_up, up, lat)
+
+
+class DeviceJob(NamedTuple):
+    """A job as its device receives it: the plan, the payload in device convention (rank r_k,
+    `lora_state.to_device`) and `call`, how many jobs this device already ran this global round
+    (batches and dropout seeds derive from (seed, round, device, call))."""
+
+    plan: DevicePlan
+    payload: State
+    call: int
+
+
+@dataclass
+class JobOutput:
+    """What a device returns for one job."""
+
+    update: State  # device convention: trained layers + head
+    train_loss: float
+    flops: float  # FLOPs of the local steps, from the real token lengths (for the simulated clock)
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """The settings of local training that every device job shares (from `train.*`, `run.seed`
+    and `fleet.backward_ratio`), one object instead of a row of arguments."""
+
+    seed: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    backward_ratio: float
+    lockstep: int = 1  # devices of one plan shape trained together (fast path; 1 = one at a time)
+    # loss terms by name in `DevicePlan.options` (`registry.trainer_options`): f(model, plan, value)
+    regularisers: dict[str, Callable] = field(default_factory=dict)
+
+
+class RoundContext(Protocol):
+    """The engine (or the Flower ServerApp) as a strategy sees it during one global round."""
+
+    rnd: int
+    available: list[int]  # devices that can take part this round
+    profiles: list[DeviceProfile]  # profiles in force this round (fluctuating bandwidth)
+    rng: np.random.Generator  # seeded for this round: strategy randomness goes through it
+
+    def train(self, jobs: list[Job]) -> list[TrainResult]:
+        """Run the jobs on their devices; devices that drop out return nothing."""
+
+    def transfer(self, nbytes_up: int, nbytes_down: int, link: str, profile: DeviceProfile) -> float:
+        """Meter a transfer between an aggregator and the PS; returns its simulated seconds."""
+
+    def validate(self, state: State, ranks: dict[int, int] | None = None) -> tuple[float, float]:
+        """(loss, accuracy) of a server-convention state on the validation split (not the test split)."""
+
+
+class Strategy(Protocol):
+    """A method (one module in `strategies/`). `strategies.base.StrategyBase` gives the defaults
+    of everything below but `global_ranks` and `run_round`."""
+
+    def global_ranks(self) -> dict[int, int]:
+        """Rank R_l the server keeps in each layer (0 = no LoRA in that layer)."""
+
+    def lowest_trainable_layer(self) -> int:
+        """The lowest layer any device may ever train in this run (default 0). Layers below it
+        never change, which lets the fast path cache their output (`fast.prefix_cache`)."""
+
+    def run_round(self, rnd: int, state: State, ctx: RoundContext) -> tuple[State, RoundReport]: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold to resume the method exactly (default: nothing)."""
+
+    def load_state_dict(self, d: dict[str, Any]) -> None: ...
+
+    def write_outputs(self, out_dir: Path, rows: list[dict[str, Any]]) -> None:
+        """Method-specific files of a finished run (default: none; HierFedLoRA: arms.png, grouping.json)."""
+
+
+class Executor(Protocol):
+    """Runs device jobs: in this process, in worker processes (`fast.workers`), or on Flower
+    SuperNodes (`flower.executor`). Every executor evaluates too, so the engine never asks which
+    one it has."""
+
+    def run(self, rnd: int, jobs: list[DeviceJob]) -> list[JobOutput | None]:
+        """Each job's output, in order (None: the device failed or dropped out while working)."""
+
+    def evaluate(self, payload: State, ranks: dict[int, int], batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        """(mean cross-entropy, accuracy) of a device-convention payload over pre-collated batches."""
+
+    def close(self) -> None:
+        """Release processes or connections (idempotent)."""
