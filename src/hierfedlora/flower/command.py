@@ -16,6 +16,10 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hierfedlora.config import ExperimentConfig
 
 
 def add_arguments(f: argparse.ArgumentParser) -> None:
@@ -45,28 +49,38 @@ def _progress(out: Path, seen: list[int]) -> None:
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
-    from hierfedlora.config import ConfigError, dump_config, load_config
-    from hierfedlora.experiment import check_run_dir, default_out, print_summary, resume_config
-    from hierfedlora.flower.deploy import FederationError, LocalFederation
+    from hierfedlora.config import ConfigError
 
     if args.auth and not args.tls:
         raise ConfigError("--auth needs --tls (Flower only authenticates SuperNodes over TLS).")
-    if args.serve:
-        n = args.supernodes or 2
-        work = Path(args.work or "runs/flower-federation")
-        with LocalFederation(work, n, tls=args.tls, auth=args.tls and args.auth) as fed:
-            fed.start()
-            print(f"SuperLink {fed.address} ({'TLS' if args.tls else 'insecure'}), {n} SuperNodes playing devices "
-                  f"0..{n - 1}; logs in {work / 'logs'}.\nRun an experiment on it (from the project directory):\n"
-                  f"  FLWR_HOME={fed.cli_home} flwr run . cluster --run-config "
-                  f"'experiment-config=\"configs/fedlora.toml\" run-dir=\"runs/fedlora-flower\" set=\"fleet.num_devices={n}\"'\n"
-                  "Ctrl-C stops the federation.", flush=True)
-            try:
-                while fed.superlink.poll() is None:
-                    time.sleep(1.0)
-            except KeyboardInterrupt:
-                pass
-        return 0
+    return _serve(args) if args.serve else _run(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """`--serve`: start the federation and keep it up for the user's own `flwr run` until Ctrl-C."""
+    from hierfedlora.flower.deploy import LocalFederation
+
+    n = args.supernodes or 2
+    work = Path(args.work or "runs/flower-federation")
+    with LocalFederation(work, n, tls=args.tls, auth=args.tls and args.auth) as fed:
+        fed.start()
+        print(f"SuperLink {fed.address} ({'TLS' if args.tls else 'insecure'}), {n} SuperNodes playing devices "
+              f"0..{n - 1}; logs in {work / 'logs'}.\nRun an experiment on it (from the project directory):\n"
+              f"  FLWR_HOME={fed.cli_home} flwr run . cluster --run-config "
+              f"'experiment-config=\"configs/fedlora.toml\" run-dir=\"runs/fedlora-flower\" set=\"fleet.num_devices={n}\"'\n"
+              "Ctrl-C stops the federation.", flush=True)
+        try:
+            while fed.superlink.poll() is None:
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
+    """(config, run directory) by the rules every experiment command follows (`experiment`)."""
+    from hierfedlora.config import load_config
+    from hierfedlora.experiment import check_run_dir, default_out, resume_config
 
     if args.resume:
         out = Path(args.resume)
@@ -75,18 +89,35 @@ def cmd_flower(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.set)
         out = Path(args.out) if args.out else default_out(args.config, "-flower")
         check_run_dir(out, args.overwrite)
-    out = out.resolve()
+    return cfg, out.resolve()
+
+
+def _run_config(args: argparse.Namespace, cfg: ExperimentConfig, out: Path, work: Path) -> dict[str, Any]:
+    """The ServerApp's run config: the resolved experiment goes as a file in `work`, so the
+    ServerApp reads exactly what this command resolved (overrides included)."""
+    from hierfedlora.config import dump_config
+    from hierfedlora.flower.run_config import ServerOptions
+
+    work.mkdir(parents=True, exist_ok=True)
+    experiment = work / "experiment.toml"
+    dump_config(cfg, experiment)
+    return ServerOptions(experiment_config=str(experiment.resolve()), run_dir=str(out), overwrite=bool(args.overwrite),
+                         resume=bool(args.resume), round_timeout=float(args.round_timeout),
+                         node_wait=float(args.node_wait),
+                         query_timeout=float(max(args.round_timeout, 120.0))).to_run_config()
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Start the federation, run the experiment on it, stop it, and print the summary."""
+    from hierfedlora.flower.deploy import FederationError, LocalFederation
+
+    cfg, out = _experiment(args)
     work = Path(args.work) if args.work else out.with_name(out.name + ".flower")
     n = args.supernodes or cfg.fleet.num_devices
     if n < cfg.fleet.num_devices:
         print(f"note: {n} SuperNodes for {cfg.fleet.num_devices} devices; devices {n}..{cfg.fleet.num_devices - 1} "
               "have no node and count as dropped every round.")
-    work.mkdir(parents=True, exist_ok=True)
-    experiment = work / "experiment.toml"
-    dump_config(cfg, experiment)
-    run_config = {"experiment-config": str(experiment.resolve()), "run-dir": str(out), "overwrite": bool(args.overwrite),
-                  "resume": bool(args.resume), "round-timeout": float(args.round_timeout),
-                  "node-wait": float(args.node_wait), "query-timeout": float(max(args.round_timeout, 120.0))}
+    run_config = _run_config(args, cfg, out, work)
     t0 = time.perf_counter()
     seen = [0]
     try:
@@ -100,14 +131,22 @@ def cmd_flower(args: argparse.Namespace) -> int:
     if status != "finished:completed" or not (out / "summary.json").exists():
         print(f"error: the Flower run ended as '{status}'; see {work / 'logs' / 'superlink.log'}")
         return 1
+    _report(out, time.perf_counter() - t0)
+    return 0
+
+
+def _report(out: Path, wall_s: float) -> None:
+    """The summary table, and the traffic as our meter, the records and Flower's SuperLink counted it."""
+    from hierfedlora.experiment import print_summary
+    from hierfedlora.flower.run_config import RUN_RECORD, TRAFFIC_LOG
+
     summary = json.loads((out / "summary.json").read_text())
     print_summary(summary, out)
     fl = summary.get("flower", {})
-    print(f"wall clock {time.perf_counter() - t0:.0f} s (ServerApp {summary.get('wall_time_s')} s); traffic: meter "
+    print(f"wall clock {wall_s:.0f} s (ServerApp {summary.get('wall_time_s')} s); traffic: meter "
           f"{fl.get('meter_bytes', 0) / 1e6:.3f} MB, Flower tensors {fl.get('flower_tensor_bytes', 0) / 1e6:.3f} MB, "
-          f"serialized {fl.get('flower_wire_bytes', 0) / 1e6:.3f} MB (flower_traffic.jsonl)")
-    if (out / "flower_run.json").exists():
-        net = json.loads((out / "flower_run.json").read_text()).get("network-traffic", {})
+          f"serialized {fl.get('flower_wire_bytes', 0) / 1e6:.3f} MB ({TRAFFIC_LOG})")
+    if (out / RUN_RECORD).exists():
+        net = json.loads((out / RUN_RECORD).read_text()).get("network-traffic", {})
         print(f"Flower's SuperLink counted {net.get('total-bytes', 0) / 1e6:.3f} MB on its Fleet API for this run "
-              "(all messages, with protocol overhead; flower_run.json)")
-    return 0
+              f"(all messages, with protocol overhead; {RUN_RECORD})")

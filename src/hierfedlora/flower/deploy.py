@@ -27,6 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
+from hierfedlora.flower.run_config import RUN_RECORD, STATUS_FILE, ServerOptions
+
 HOST = "127.0.0.1"
 APP_NAME = "hierfedlora-app"
 
@@ -45,14 +49,6 @@ serverapp = "hierfedlora.flower.server_app:app"
 clientapp = "hierfedlora.flower.client_app:app"
 
 [tool.flwr.app.config]
-experiment-config = ""
-set = ""
-run-dir = "runs/flower"
-overwrite = false
-resume = false
-round-timeout = 600.0
-node-wait = 120.0
-query-timeout = 120.0
 """
 
 
@@ -80,7 +76,8 @@ def write_app(directory: Path) -> Path:
     from hierfedlora import __version__
 
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "pyproject.toml").write_text(APP_PYPROJECT.format(name=APP_NAME, version=__version__))
+    defaults = tomli_w.dumps(ServerOptions().to_run_config())  # the ServerApp's own defaults, not a copy
+    (directory / "pyproject.toml").write_text(APP_PYPROJECT.format(name=APP_NAME, version=__version__) + defaults)
     return directory
 
 
@@ -293,8 +290,6 @@ class LocalFederation:
 
     def _write_cli_config(self) -> None:
         """The Flower CLI's config (FLWR_HOME/config.toml) with one connection, `cluster`."""
-        import tomli_w
-
         conn: dict[str, Any] = {"address": self.address}
         if self.tls:
             conn["root-certificates"] = str(self.certs["ca"])
@@ -312,8 +307,6 @@ class LocalFederation:
 
     def submit(self, run_config: dict[str, Any], app_dir: Path | None = None) -> int:
         """`flwr run` the app on this federation; returns the run id."""
-        import tomli_w
-
         app = app_dir or write_app(self.root / APP_NAME)
         overrides = self.root / "run-config.toml"
         overrides.write_text(tomli_w.dumps(run_config))
@@ -356,12 +349,10 @@ class LocalFederation:
     def run(self, run_config: dict[str, Any], timeout: float = 3600.0, on_poll=None, app_dir: Path | None = None) -> str:
         """Submit and wait; `run_config` holds the app's settings (experiment-config, run-dir, ...);
         `app_dir` is the Flower App to submit (default: a generated one; the repository root works too)."""
-        from hierfedlora.flower.server_app import STATUS_FILE
-
         status_file = Path(str(run_config.get("run-dir", ""))).expanduser() / STATUS_FILE if run_config.get("run-dir") else None
         if status_file is not None:
             status_file.unlink(missing_ok=True)
         status = self.wait(self.submit(run_config, app_dir), timeout, status_file=status_file, on_poll=on_poll)
         if status_file is not None and status_file.parent.is_dir():  # Flower's own account of the run
-            (status_file.parent / "flower_run.json").write_text(json.dumps(self.last_run, indent=2))
+            (status_file.parent / RUN_RECORD).write_text(json.dumps(self.last_run, indent=2))
         return status

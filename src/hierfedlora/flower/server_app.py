@@ -3,7 +3,8 @@
 It runs the very experiment `hierfedlora run` runs — same config file, same `Simulation` (strategy,
 server state, clock, traffic meter, evaluation, checkpoints, outputs) — except that devices' local
 work goes to SuperNodes through `FlowerExecutor`. Settings come from the Flower run config
-(``[tool.flwr.app.config]`` in pyproject.toml, overridable with ``flwr run --run-config``):
+(``[tool.flwr.app.config]`` in pyproject.toml, overridable with ``flwr run --run-config``; the keys
+are `run_config.ServerOptions`):
 
 - ``experiment-config``: the experiment TOML ("" = built-in defaults); a relative path is looked up
   in the ServerApp's working directory, then inside the Flower App;
@@ -15,34 +16,16 @@ work goes to SuperNodes through `FlowerExecutor`. Settings come from the Flower 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from hierfedlora.config import ExperimentConfig
+from hierfedlora.flower.run_config import STATUS_FILE, TRAFFIC_SUMMARY, ServerOptions
+
 app = ServerApp()
-
-
-@dataclass(frozen=True)
-class ServerOptions:
-    experiment_config: str = ""
-    overrides: tuple[str, ...] = ()
-    run_dir: str = "runs/flower"
-    overwrite: bool = False
-    resume: bool = False
-    round_timeout: float = 600.0
-    node_wait: float = 120.0
-    query_timeout: float = 120.0
-
-    @classmethod
-    def from_run_config(cls, rc: dict[str, Any]) -> "ServerOptions":
-        sets = tuple(s.strip() for s in str(rc.get("set", "")).split(";") if s.strip())
-        return cls(experiment_config=str(rc.get("experiment-config", "")), overrides=sets,
-                   run_dir=str(rc.get("run-dir", cls.run_dir)), overwrite=bool(rc.get("overwrite", False)),
-                   resume=bool(rc.get("resume", False)), round_timeout=float(rc.get("round-timeout", 600.0)),
-                   node_wait=float(rc.get("node-wait", 120.0)), query_timeout=float(rc.get("query-timeout", 120.0)))
 
 
 def _app_dir(grid: Grid) -> Path | None:
@@ -56,6 +39,7 @@ def _app_dir(grid: Grid) -> Path | None:
 
 
 def resolve_config_path(path: str, app_dir: Path | None) -> Path | None:
+    """Where the experiment config is: as given if it exists here, else inside the Flower App."""
     if not path:
         return None
     p = Path(path).expanduser()
@@ -64,19 +48,33 @@ def resolve_config_path(path: str, app_dir: Path | None) -> Path | None:
     return app_dir / p if (app_dir / p).exists() else p
 
 
+def _experiment(grid: Grid, opts: ServerOptions, out: Path) -> tuple[ExperimentConfig, bool]:
+    """(config, resume): a resumed run takes its own config; `resume` without a run in `out` starts
+    afresh, since a launcher asks for it before it knows whether the server ever wrote one."""
+    from hierfedlora.config import load_config
+    from hierfedlora.experiment import resume_config
+
+    if opts.resume and (out / "config.toml").is_file():
+        return resume_config(out, None, []), True
+    return load_config(resolve_config_path(opts.experiment_config, _app_dir(grid)), list(opts.overrides)), False
+
+
+def _write_traffic(out: Path, summary: dict[str, Any], traffic: dict[str, Any]) -> None:
+    """The traffic totals beside the run, and their headline figures in `summary.json`."""
+    (out / TRAFFIC_SUMMARY).write_text(json.dumps(traffic, indent=2))
+    summary["flower"] = {k: traffic[k] for k in ("meter_bytes", "flower_tensor_bytes", "flower_wire_bytes",
+                                                 "wire_over_meter", "nodes")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
 def run_on_grid(grid: Grid, opts: ServerOptions, log=print) -> dict[str, Any]:
     """Run one experiment with its devices on the grid's SuperNodes; returns the summary."""
-    from hierfedlora.config import load_config
-    from hierfedlora.experiment import run_experiment
     from hierfedlora.engine import LocalExecutor
+    from hierfedlora.experiment import run_experiment
     from hierfedlora.flower.executor import FlowerExecutor
 
     out = Path(opts.run_dir).expanduser()
-    resume = opts.resume and (out / "config.toml").is_file()
-    if resume:
-        cfg = load_config(out / "config.toml")
-    else:
-        cfg = load_config(resolve_config_path(opts.experiment_config, _app_dir(grid)), list(opts.overrides))
+    cfg, resume = _experiment(grid, opts, out)
     made: list[FlowerExecutor] = []
 
     def executor(sim) -> FlowerExecutor:  # evaluation stays in this process, on the server's model
@@ -86,20 +84,14 @@ def run_on_grid(grid: Grid, opts: ServerOptions, log=print) -> dict[str, Any]:
 
     log(f"[flower] {cfg.method.get('name', 'fedlora')}: {cfg.fleet.num_devices} devices, {cfg.run.rounds} rounds -> {out}")
     summary = run_experiment(cfg, out, overwrite=opts.overwrite, resume=resume, progress=False, executor=executor)
-    traffic = made[0].traffic_summary()
-    (out / "flower_traffic_summary.json").write_text(json.dumps(traffic, indent=2))
-    summary["flower"] = {k: traffic[k] for k in ("meter_bytes", "flower_tensor_bytes", "flower_wire_bytes",
-                                                 "wire_over_meter", "nodes")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_traffic(out, summary, made[0].traffic_summary())
     log(f"[flower] done: {json.dumps({k: summary.get(k) for k in ('final_acc', 'rounds', 'wall_time_s')})}")
     return summary
 
 
-STATUS_FILE = "flower_status.json"  # written last: {"status": "completed" | "failed", ...}
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    """Run the experiment and leave `STATUS_FILE` last, so a launcher watching it knows the end."""
     opts = ServerOptions.from_run_config(dict(context.run_config))
     status = Path(opts.run_dir).expanduser() / STATUS_FILE
     status.unlink(missing_ok=True)

@@ -1,0 +1,50 @@
+"""What the ServerApp and whoever submits it agree on: the Flower run config and the files a Flower
+run adds to its run directory.
+
+`hierfedlora flower` (`command`) and `deploy.LocalFederation` build run configs and watch the
+status file, and the ServerApp (`server_app`) reads the one and writes the other. The contract lives
+here, in a module that imports neither Flower nor torch, so each side names every key and file once
+and a launcher does not load the ServerApp to learn them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+NODES_LOG = "flower_nodes.jsonl"  # node events and per-call participation (`executor`)
+TRAFFIC_LOG = "flower_traffic.jsonl"  # per job: the meter's bytes beside Flower's (`executor.TrafficRow`)
+TRAFFIC_SUMMARY = "flower_traffic_summary.json"  # the totals of TRAFFIC_LOG (`server_app`)
+STATUS_FILE = "flower_status.json"  # written last by the ServerApp: {"status": "completed" | "failed", ...}
+RUN_RECORD = "flower_run.json"  # Flower's own record of the run from `flwr ls` (`deploy`)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """The ServerApp's settings, one field per run config key (``[tool.flwr.app.config]``)."""
+
+    experiment_config: str = ""
+    overrides: tuple[str, ...] = ()
+    run_dir: str = "runs/flower"
+    overwrite: bool = False
+    resume: bool = False
+    round_timeout: float = 600.0
+    node_wait: float = 120.0
+    query_timeout: float = 120.0
+
+    @classmethod
+    def from_run_config(cls, rc: dict[str, Any]) -> "ServerOptions":
+        """Options from a Flower run config; missing keys take the defaults above."""
+        d = cls()
+        sets = tuple(s.strip() for s in str(rc.get("set", "")).split(";") if s.strip())
+        return cls(experiment_config=str(rc.get("experiment-config", d.experiment_config)), overrides=sets,
+                   run_dir=str(rc.get("run-dir", d.run_dir)), overwrite=bool(rc.get("overwrite", d.overwrite)),
+                   resume=bool(rc.get("resume", d.resume)), round_timeout=float(rc.get("round-timeout", d.round_timeout)),
+                   node_wait=float(rc.get("node-wait", d.node_wait)),
+                   query_timeout=float(rc.get("query-timeout", d.query_timeout)))
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The run config that `from_run_config` reads back as these options."""
+        return {"experiment-config": self.experiment_config, "set": ";".join(self.overrides), "run-dir": self.run_dir,
+                "overwrite": self.overwrite, "resume": self.resume, "round-timeout": self.round_timeout,
+                "node-wait": self.node_wait, "query-timeout": self.query_timeout}
