@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,62 @@ from flwr.app import Message
 
 from hierfedlora.config import ExperimentConfig
 from hierfedlora.flower import messages as wire
+from hierfedlora.flower.run_config import NODES_LOG, TRAFFIC_LOG, TRAFFIC_SUMMARY
 from hierfedlora.lora_state import State, num_bytes
-from hierfedlora.protocol import DeviceJob, DevicePlan, Executor, JobOutput
+from hierfedlora.protocol import DeviceJob, Executor, JobOutput
 
 QUERY_ATTEMPTS = 3  # a node that does not answer its identity query is asked this often, then ignored
+
+
+@dataclass
+class TrafficRow:
+    """One job's line in ``flower_traffic.jsonl`` (docs/flower.md, "What the run directory records"):
+    what our meter booked beside what Flower carried, each direction, and how the job ended.
+
+    `status` is "ok", "no-node", "timeout", "error: ...", "resent-full" (the device had lost its
+    copy and got the full payload; the counts then include both attempts) or a device status."""
+
+    round: int
+    call: int
+    device: int
+    node_id: int | None
+    link: str
+    download: str
+    status: str = "ok"
+    meter_down: int = 0  # what the engine's meter booked (`bytes_down`, `bytes_up`)
+    meter_up: int = 0
+    flower_down_tensor: int = 0  # raw tensor bytes in the records
+    flower_down_array: int = 0  # the ArrayRecord's count_bytes()
+    flower_down_wire: int = 0  # every serialized Flower object of the content, each distinct one once
+    flower_up_tensor: int = 0
+    flower_up_array: int = 0
+    flower_up_wire: int = 0
+    device_received_wire: int = 0  # the wire count as the device measured it
+    sent_keys: int | None = None  # tensors in the last payload sent (None: nothing was sent)
+    wall_s: float = 0.0  # the training call's wall-clock seconds
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON row: every field, except `sent_keys` for a job that was never sent."""
+        row = asdict(self)
+        if self.sent_keys is None:
+            del row["sent_keys"]
+        return row
+
+    def byte_counts(self) -> dict[str, int]:
+        """The byte counters (meter_*, flower_*, device_*), as the traffic totals add them."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(("meter_", "flower_", "device_"))}
+
+
+@dataclass
+class _Job:
+    """One device job within a training call, as it goes out and comes back."""
+
+    job: DeviceJob
+    keys: list[str]  # what the plan downloads (`DevicePlan.downloaded`)
+    row: TrafficRow
+    msg: Message | None = None  # the message last sent (None: the device has no node)
+    holds: tuple[str, State] | None = None  # (tag, full payload) the device keeps once it trains
+    output: JobOutput | None = None
 
 
 class FlowerExecutor:
@@ -70,23 +123,35 @@ class FlowerExecutor:
 
     def _event(self, rnd: int, event: str, **kw: Any) -> None:
         row = {"time": round(time.time(), 3), "round": rnd, "event": event, **kw}
-        self._append("flower_nodes.jsonl", row)
-        if event not in ("train",):
+        self._append(NODES_LOG, row)
+        if event != "train":
             self.log(f"[flower] round {rnd}: {event} {kw}")
+
+    def _clear_logs(self) -> None:
+        """A fresh run starts its logs empty (the engine has cleared its own files by now)."""
+        if self.out is not None and not self.resume:
+            for name in (NODES_LOG, TRAFFIC_LOG, TRAFFIC_SUMMARY):
+                (self.out / name).unlink(missing_ok=True)
 
     # -- which node plays which device -------------------------------------------------------
     def refresh(self, rnd: int) -> None:
         """Unmap nodes that left; ask nodes we do not know yet which device they play."""
         present = set(self.grid.get_node_ids())
         for nid in [n for n in self.known if n not in present]:
-            dev = self.known.pop(nid)
-            if dev is not None and self.nodes.get(dev) == nid:
-                del self.nodes[dev]
-                self.held.pop(dev, None)
-            self._event(rnd, "left", node_id=nid, device=dev)
+            self._node_left(rnd, nid)
         new = sorted(n for n in present if n not in self.known and self.query_tries.get(n, 0) < QUERY_ATTEMPTS)
-        if not new:
-            return
+        if new:
+            self._query(rnd, new)
+
+    def _node_left(self, rnd: int, nid: int) -> None:
+        dev = self.known.pop(nid)
+        if dev is not None and self.nodes.get(dev) == nid:
+            del self.nodes[dev]
+            self.held.pop(dev, None)
+        self._event(rnd, "left", node_id=nid, device=dev)
+
+    def _query(self, rnd: int, new: list[int]) -> None:
+        """Send the experiment to each new node; it answers with the device it plays."""
         content = wire.experiment_content(self.toml, self.fingerprint)
         msgs = [Message(content, dst_node_id=nid, message_type=wire.QUERY, group_id=f"query-{rnd}",
                         ttl=self.query_timeout + 60) for nid in new]
@@ -100,16 +165,19 @@ class FlowerExecutor:
                 self.known[nid] = None
                 self._event(rnd, "query-error", node_id=nid, reason=r.error.reason)
             else:
-                dev = int(r.content.config_records[wire.NODE]["partition-id"])
-                self.known[nid] = dev
-                old = self.nodes.get(dev)
-                if old is not None and old != nid:
-                    self.known[old] = None
-                    self._event(rnd, "replaced", device=dev, node_id=nid, old_node_id=old)
-                else:
-                    self._event(rnd, "joined", device=dev, node_id=nid)
-                self.nodes[dev] = nid
-                self.held.pop(dev, None)
+                self._map(rnd, int(r.content.config_records[wire.NODE]["partition-id"]), nid)
+
+    def _map(self, rnd: int, dev: int, nid: int) -> None:
+        """Device `dev` is node `nid` from now on; a node that played it before is unusable."""
+        self.known[nid] = dev
+        old = self.nodes.get(dev)
+        if old is not None and old != nid:
+            self.known[old] = None
+            self._event(rnd, "replaced", device=dev, node_id=nid, old_node_id=old)
+        else:
+            self._event(rnd, "joined", device=dev, node_id=nid)
+        self.nodes[dev] = nid
+        self.held.pop(dev, None)
 
     def wait_for_nodes(self, rnd: int) -> None:
         """At the start: wait (up to `node_wait` s) until every device of the fleet has a node."""
@@ -125,10 +193,19 @@ class FlowerExecutor:
 
     # -- the executor seam -------------------------------------------------------------------
     def run(self, rnd: int, jobs: list[DeviceJob]) -> list[JobOutput | None]:
+        """One training call: a message per job, one `send_and_receive` (plus one for resends)
+        under `round_timeout`, a traffic row per job and a participation event."""
+        self._begin_call(rnd)
+        work = [self._prepare(rnd, job) for job in jobs]
+        t0 = time.monotonic()
+        self._exchange(rnd, work, deadline=t0 + self.round_timeout)
+        self._record(rnd, work, wall_s=round(time.monotonic() - t0, 3))
+        return [w.output for w in work]
+
+    def _begin_call(self, rnd: int) -> None:
+        """Map nodes (at the first call: wait for the fleet) and count the calls of this round."""
         if not self.started:
-            if self.out is not None and not self.resume:  # the engine has cleared its own files by now
-                for name in ("flower_nodes.jsonl", "flower_traffic.jsonl", "flower_traffic_summary.json"):
-                    (self.out / name).unlink(missing_ok=True)
+            self._clear_logs()
             self.wait_for_nodes(rnd)
             self.started = True
         else:
@@ -136,109 +213,119 @@ class FlowerExecutor:
         if rnd != self._rnd:
             self._rnd, self._calls = rnd, 0
         self._calls += 1
-        bpp = self.cfg.fleet.bytes_per_param
-        outputs: list[JobOutput | None] = [None] * len(jobs)
-        rows: list[dict[str, Any]] = []
-        todo: dict[int, tuple[State, str]] = {}  # job index -> (what the device will hold, tag)
-        msgs: dict[int, Message] = {}
-        for i, (plan, payload, k) in enumerate(jobs):
-            keys = plan.downloaded(payload)
-            rows.append({"round": rnd, "call": k, "device": plan.device, "node_id": self.nodes.get(plan.device),
-                         "link": plan.link, "download": plan.download, "status": "ok",
-                         "meter_down": num_bytes(payload, bpp, keys), "meter_up": 0,
-                         "flower_down_tensor": 0, "flower_down_array": 0, "flower_down_wire": 0,
-                         "flower_up_tensor": 0, "flower_up_array": 0, "flower_up_wire": 0, "device_received_wire": 0})
-            if plan.device not in self.nodes:
-                rows[i]["status"] = "no-node"
-                continue
-            msgs[i], todo[i] = self._message(rnd, plan, payload, k, keys, rows[i], full=False)
 
-        t0 = time.monotonic()
-        deadline = t0 + self.round_timeout
-        for attempt in range(2):  # second pass: resend full payloads to devices that lost their copy
-            if not msgs:
+    def _prepare(self, rnd: int, job: DeviceJob) -> _Job:
+        """The job's traffic row and, if its device has a node, its message."""
+        plan, payload, call = job
+        keys = plan.downloaded(payload)
+        row = TrafficRow(round=rnd, call=call, device=plan.device, node_id=self.nodes.get(plan.device),
+                         link=plan.link, download=plan.download,
+                         meter_down=num_bytes(payload, self.cfg.fleet.bytes_per_param, keys))
+        w = _Job(job, keys, row)
+        if plan.device in self.nodes:
+            self._address(rnd, w, full=False)
+        else:
+            row.status = "no-node"
+        return w
+
+    def _exchange(self, rnd: int, work: list[_Job], deadline: float) -> None:
+        """Send the jobs and read the replies; a device that lost its held copy gets the full
+        payload in a second send before the same deadline."""
+        pending = [w for w in work if w.msg is not None]
+        for attempt in range(2):
+            if not pending:
                 break
-            order = list(msgs)
-            for i in order:
-                self._count_down(rows[i], msgs[i])
-            replies = list(self.grid.send_and_receive([msgs[i] for i in order],
-                                                      timeout=max(1.0, deadline - time.monotonic())))
-            by_id = {r.metadata.reply_to_message_id: r for r in replies}
-            resend: dict[int, Message] = {}
-            for i in order:
-                plan, payload, k = jobs[i]
-                r = by_id.get(msgs[i].metadata.message_id)
-                if r is None:
-                    rows[i]["status"] = "timeout"
-                elif r.has_error():
-                    rows[i]["status"] = f"error: {r.error.reason}"
-                else:
-                    status = wire.reply_status(r.content)
-                    if status == wire.STALE_BASE and attempt == 0:
-                        rows[i]["status"] = "resent-full"
-                        resend[i], todo[i] = self._message(rnd, plan, payload, k, None, rows[i], full=True)
-                        continue
-                    if status is not None:
-                        rows[i]["status"] = f"{status}: {r.content.config_records[wire.STATUS]['detail']}"
-                        if status == wire.NOT_SET_UP:  # ask it again at the next call
-                            self.known.pop(self.nodes.pop(plan.device, -1), None)
-                    else:
-                        outputs[i] = wire.output_from_reply(r.content)
-                        self._count_up(rows[i], r.content, outputs[i])
-                        self.held[plan.device] = todo[i]
-                if outputs[i] is None:
-                    self.held.pop(plan.device, None)
-            msgs = resend
-        wall = time.monotonic() - t0
-        for i, row in enumerate(rows):
-            row["wall_s"] = round(wall, 3)
-            self._append("flower_traffic.jsonl", row)
-            if outputs[i] is not None:
-                tot = self.totals.setdefault(row["device"], {})
-                for key, v in row.items():
-                    if key.startswith(("meter_", "flower_", "device_")):
-                        tot[key] = tot.get(key, 0) + v
-        self._event(rnd, "train", call=self._calls, sent=[jobs[i][0].device for i in range(len(jobs)) if rows[i]["status"] != "no-node"],
-                    ok=[jobs[i][0].device for i in range(len(jobs)) if outputs[i] is not None],
-                    failed={str(jobs[i][0].device): rows[i]["status"] for i in range(len(jobs)) if outputs[i] is None},
-                    wall_s=round(wall, 3))
-        failed = {jobs[i][0].device: rows[i]["status"] for i in range(len(jobs)) if outputs[i] is None}
+            replies = self._send(pending, deadline)
+            pending = [w for w, r in zip(pending, replies) if self._read_reply(rnd, w, r, may_resend=attempt == 0)]
+
+    def _send(self, pending: list[_Job], deadline: float) -> list[Message | None]:
+        """Each job's reply, in order (None: none before the deadline)."""
+        for w in pending:
+            self._count_down(w.row, w.msg)
+        replies = self.grid.send_and_receive([w.msg for w in pending], timeout=max(1.0, deadline - time.monotonic()))
+        by_id = {r.metadata.reply_to_message_id: r for r in replies}
+        return [by_id.get(w.msg.metadata.message_id) for w in pending]
+
+    def _read_reply(self, rnd: int, w: _Job, reply: Message | None, may_resend: bool) -> bool:
+        """Take one reply into its job; True when the job is to be sent again with the full payload.
+        `held` follows the device: it keeps the payload of a job it trained, and nothing else."""
+        device = w.job.plan.device
+        if reply is None:
+            w.row.status = "timeout"
+        elif reply.has_error():
+            w.row.status = f"error: {reply.error.reason}"
+        elif (status := wire.reply_status(reply.content)) == wire.STALE_BASE and may_resend:
+            w.row.status = "resent-full"
+            self._address(rnd, w, full=True)
+            return True
+        elif status is not None:
+            w.row.status = f"{status}: {reply.content.config_records[wire.STATUS]['detail']}"
+            if status == wire.NOT_SET_UP:  # ask it again at the next call
+                self.known.pop(self.nodes.pop(device, -1), None)
+        else:
+            w.output = wire.output_from_reply(reply.content)
+            self._count_up(w.row, reply.content, w.output)
+            self.held[device] = w.holds
+        if w.output is None:
+            self.held.pop(device, None)
+        return False
+
+    def _record(self, rnd: int, work: list[_Job], wall_s: float) -> None:
+        """Write each job's traffic row, add the completed ones to the totals, log the call."""
+        for w in work:
+            w.row.wall_s = wall_s
+            self._append(TRAFFIC_LOG, w.row.to_json())
+            if w.output is not None:
+                tot = self.totals.setdefault(w.row.device, {})
+                for key, v in w.row.byte_counts().items():
+                    tot[key] = tot.get(key, 0) + v
+        failed = {w.row.device: w.row.status for w in work if w.output is None}
+        self._event(rnd, "train", call=self._calls, sent=[w.row.device for w in work if w.row.status != "no-node"],
+                    ok=[w.row.device for w in work if w.output is not None],
+                    failed={str(d): s for d, s in failed.items()}, wall_s=wall_s)
         if failed:
             self.log(f"[flower] round {rnd}: devices dropped {failed}")
-        return outputs
 
-    def _message(self, rnd: int, plan: DevicePlan, payload: State, k: int, keys: list[str] | None,
-                 row: dict[str, Any], full: bool) -> tuple[Message, tuple[str, State]]:
-        """The message for one job: only the trained layers + head when the device verifiably holds
-        the frozen ones (`held` mirrors what each device keeps), else the whole payload."""
-        send, base = payload, ""
+    # -- one message -------------------------------------------------------------------------
+    def _address(self, rnd: int, w: _Job, full: bool) -> None:
+        """Build the job's message to its device's node (see `_to_send` for what it carries)."""
+        plan, payload, call = w.job
+        send, base = self._to_send(w, full)
+        tag = f"r{rnd}.c{call}.d{plan.device}.{uuid.uuid4().hex[:8]}"
+        content = wire.train_content(send, plan, rnd, call, tag, base, self.settings)
+        w.msg = Message(content, dst_node_id=self.nodes[plan.device], message_type=wire.TRAIN, group_id=str(rnd),
+                        ttl=self.round_timeout + 60)
+        w.holds = (tag, payload)
+        w.row.sent_keys = len(send)
+
+    def _to_send(self, w: _Job, full: bool) -> tuple[State, str]:
+        """(tensors, base tag): only the trained layers + head, with the tag of the device's copy,
+        when the device verifiably holds the frozen ones (`held` mirrors what each device keeps);
+        else the whole payload and no base."""
+        plan, payload, _ = w.job
         held = self.held.get(plan.device)
-        if not full and plan.download == "trained" and held is not None and keys is not None:
-            frozen = [key for key in payload if key not in set(keys)]
-            if all(key in held[1] and held[1][key].shape == payload[key].shape and torch.equal(held[1][key], payload[key])
-                   for key in frozen):
-                send, base = {key: payload[key] for key in keys}, held[0]
-        tag = f"r{rnd}.c{k}.d{plan.device}.{uuid.uuid4().hex[:8]}"
-        content = wire.train_content(send, plan, rnd, k, tag, base, self.settings)
-        msg = Message(content, dst_node_id=self.nodes[plan.device], message_type=wire.TRAIN, group_id=str(rnd),
-                      ttl=self.round_timeout + 60)
-        row["sent_keys"] = len(send)
-        return msg, (tag, payload)
+        if full or plan.download != "trained" or held is None:
+            return payload, ""
+        tag, copy = held
+        keys = set(w.keys)
+        if all(_same(copy.get(k), payload[k]) for k in payload if k not in keys):
+            return {k: payload[k] for k in w.keys}, tag
+        return payload, ""
 
     @staticmethod
-    def _count_down(row: dict[str, Any], msg: Message) -> None:
+    def _count_down(row: TrafficRow, msg: Message) -> None:
         rec = msg.content.array_records[wire.PAYLOAD]
-        row["flower_down_tensor"] += wire.tensor_bytes(rec)
-        row["flower_down_array"] += rec.count_bytes()
-        row["flower_down_wire"] += wire.wire_bytes(msg.content)
+        row.flower_down_tensor += wire.tensor_bytes(rec)
+        row.flower_down_array += rec.count_bytes()
+        row.flower_down_wire += wire.wire_bytes(msg.content)
 
-    def _count_up(self, row: dict[str, Any], content, out: JobOutput) -> None:
+    def _count_up(self, row: TrafficRow, content, out: JobOutput) -> None:
         rec = content.array_records[wire.UPDATE]
-        row["meter_up"] = num_bytes(out.update, self.cfg.fleet.bytes_per_param)
-        row["flower_up_tensor"] = wire.tensor_bytes(rec)
-        row["flower_up_array"] = rec.count_bytes()
-        row["flower_up_wire"] = wire.wire_bytes(content)
-        row["device_received_wire"] = int(content.metric_records[wire.METRICS]["received-bytes"])
+        row.meter_up = num_bytes(out.update, self.cfg.fleet.bytes_per_param)
+        row.flower_up_tensor = wire.tensor_bytes(rec)
+        row.flower_up_array = rec.count_bytes()
+        row.flower_up_wire = wire.wire_bytes(content)
+        row.device_received_wire = int(content.metric_records[wire.METRICS]["received-bytes"])
 
     # -- the end of the run ------------------------------------------------------------------
     def evaluate(self, payload: State, ranks: dict[int, int], batches: list) -> tuple[float, float]:
@@ -264,3 +351,8 @@ class FlowerExecutor:
             "bytes_per_param": self.cfg.fleet.bytes_per_param,
             "nodes": {str(d): n for d, n in sorted(self.nodes.items())},
         }
+
+
+def _same(held: torch.Tensor | None, t: torch.Tensor) -> bool:
+    """Whether the device's copy of a tensor is exactly the one the server would send."""
+    return held is not None and held.shape == t.shape and torch.equal(held, t)
