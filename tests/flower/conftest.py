@@ -26,7 +26,7 @@ pytest.importorskip("flwr")
 
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 
-from hierfedlora.engine import LocalExecutor, Simulation  # noqa: E402
+from hierfedlora.engine import Simulation, local_executor  # noqa: E402
 from hierfedlora.flower import client_app  # noqa: E402
 from hierfedlora.flower import messages as wire  # noqa: E402
 from hierfedlora.flower.executor import FlowerExecutor  # noqa: E402
@@ -82,7 +82,6 @@ class LoopbackGrid:
         self.contexts = {1000 + p: Context(run_id=1, node_id=1000 + p, node_config={"partition-id": p},
                                            state=RecordDict(), run_config={}) for p in partitions}
         self.silent, self.crash, self.forget = set(silent), set(crash), set(forget)
-        self.sent: list[Message] = []
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -91,7 +90,6 @@ class LoopbackGrid:
         replies = []
         for m in messages:
             m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            self.sent.append(m)
             nid = m.metadata.dst_node_id
             ctx = self.contexts[nid]
             p = int(ctx.node_config["partition-id"])
@@ -124,7 +122,7 @@ def flower_sim(tmp_path):
         out.mkdir(exist_ok=True)
 
         def executor(sim):
-            return FlowerExecutor(grid, cfg, out, LocalExecutor(sim), round_timeout=5, node_wait=0, query_timeout=5,
+            return FlowerExecutor(grid, cfg, out, local_executor(sim), round_timeout=5, node_wait=0, query_timeout=5,
                                   log=lambda *_: None, **kw)
 
         return Simulation(cfg, out, executor=executor), out

@@ -4,7 +4,9 @@
 - `client_app`: a ClientApp that runs `trainer.run_job` for the device its node plays;
 - `messages`: the typed records that cross the wire;
 - `executor`: jobs -> messages -> `JobOutput`, node discovery, traffic and participation logs;
-- `deploy`: start a SuperLink and N SuperNodes on this machine (TLS, SuperNode auth) and run on them.
+- `run_config`: what the ServerApp and its launcher share (run config keys, run-directory files);
+- `deploy`: start a SuperLink and N SuperNodes on this machine (TLS, SuperNode auth) and run on them;
+- `command`: `hierfedlora flower`, which runs one experiment on such a federation.
 
 See docs/flower.md.
 """

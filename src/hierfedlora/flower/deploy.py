@@ -12,7 +12,6 @@ Every process is started in its own process group and stopped (with everything i
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import json
 import os
@@ -83,33 +82,14 @@ def write_app(directory: Path) -> Path:
 
 def make_certificates(directory: Path, host: str = HOST) -> dict[str, Path]:
     """A self-signed CA and a server certificate for `host` (and localhost), PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
 
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hierfedlora test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=30))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = _ca_certificate(ca_key)
     key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = [x509.DNSName("localhost")]
-    try:
-        sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-    except ValueError:
-        sans.append(x509.DNSName(host))
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])).issuer_name(ca_name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca_key, hashes.SHA256()))
+    cert = _server_certificate(key, ca, ca_key, host)
     paths = {"ca": directory / "ca.crt", "cert": directory / "server.pem", "key": directory / "server.key"}
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -117,6 +97,46 @@ def make_certificates(directory: Path, host: str = HOST) -> dict[str, Path]:
                                                serialization.NoEncryption()))
     paths["key"].chmod(0o600)
     return paths
+
+
+def _valid_for_30_days(builder):
+    """From five minutes ago (clock skew between processes) to 30 days on: a throw-away certificate."""
+    import datetime
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return builder.not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=30))
+
+
+def _ca_certificate(ca_key):
+    """The self-signed CA the SuperNodes and the Flower CLI verify the SuperLink against."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hierfedlora test CA")])
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(ca_key.public_key())
+               .serial_number(x509.random_serial_number()))
+    return (_valid_for_30_days(builder).add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256()))
+
+
+def _server_certificate(key, ca, ca_key, host: str):
+    """The SuperLink's certificate for `host` and localhost, signed by the CA."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    sans: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    try:
+        sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+    except ValueError:
+        sans.append(x509.DNSName(host))
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])).issuer_name(ca.subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number()))
+    return (_valid_for_30_days(builder).add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256()))
 
 
 def make_node_keys(directory: Path, name: str) -> tuple[Path, Path]:
@@ -170,12 +190,12 @@ class LocalFederation:
     """A SuperLink and `num_supernodes` SuperNodes on 127.0.0.1 (see module docstring)."""
 
     def __init__(self, root: str | Path, num_supernodes: int, *, tls: bool = False, auth: bool = False,
-                 first_partition: int = 0, log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print):
         if auth and not tls:
             raise FederationError("SuperNode authentication needs TLS (Flower refuses it on an insecure link); add --tls.")
         self.root = Path(root).resolve()
         self.n, self.tls, self.auth, self.log = num_supernodes, tls, auth, log
-        self.partitions = list(range(first_partition, first_partition + num_supernodes))
+        self.partitions = list(range(num_supernodes))
         self.port = 0
         self.superlink: subprocess.Popen | None = None
         self.nodes: dict[int, subprocess.Popen] = {}  # partition id -> process

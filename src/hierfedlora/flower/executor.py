@@ -189,7 +189,11 @@ class FlowerExecutor:
             if not missing or time.monotonic() >= deadline:
                 break
             time.sleep(1.0)
-        self._event(rnd, "start", nodes={str(d): n for d, n in sorted(self.nodes.items())}, missing=missing)
+        self._event(rnd, "start", nodes=self._node_map(), missing=missing)
+
+    def _node_map(self) -> dict[str, int]:
+        """device -> node id, as the logs and the summary write it."""
+        return {str(d): n for d, n in sorted(self.nodes.items())}
 
     # -- the executor seam -------------------------------------------------------------------
     def run(self, rnd: int, jobs: list[DeviceJob]) -> list[JobOutput | None]:
@@ -349,7 +353,7 @@ class FlowerExecutor:
             "meter_bytes": meter, "flower_tensor_bytes": tensor, "flower_wire_bytes": wire_total,
             "wire_over_meter": (wire_total / meter) if meter else None,
             "bytes_per_param": self.cfg.fleet.bytes_per_param,
-            "nodes": {str(d): n for d, n in sorted(self.nodes.items())},
+            "nodes": self._node_map(),
         }
 
 
