@@ -10,7 +10,7 @@ at best on this workload", which bounds the W2 speedup.
     python benchmarks/arithmetic.py --gflops 40 --cores 2
 
 Counting rules (per token, per layer, one layer's linear maps = 2·(4h² + 2h·f) FLOPs):
-- engine: layers below the cache boundary run once per example, the first time it is seen (training
+- engine: the cached layers (below the lowest trained one) run once per example, the first time it is seen (training
   or test); the lowest trained layer runs forward and backward (backward of a LoRA layer without
   weight gradients ~ one more forward); the top layer computes keys and values for every token and
   the rest for the first token only; each evaluation runs the trained layers on the test split.
@@ -27,8 +27,8 @@ import numpy as np
 from speed import config
 
 from hierfedlora.engine import build_workload
-from hierfedlora.models import load_tokenizer
-from hierfedlora.trainer import sample_batches
+from hierfedlora.device.model import load_tokenizer
+from hierfedlora.device.train import sample_batches
 
 
 def count(depth: int = 2, hidden: int = 384, inter: int = 1536, layers: int = 6) -> dict[str, float]:

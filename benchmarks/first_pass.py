@@ -1,15 +1,15 @@
 """The first pass through the frozen layers, with and without the workers' heap setting.
 
 W2's setting (real MiniLM, `rotten_tomatoes`, the cache below layer 4), one thread:
-`LocalModel.prefix_rows` for 64 training examples (embeddings and the four frozen layers), as a
+`FastModel.prefix_rows` for 64 training examples (embeddings and the four frozen layers), as a
 worker runs them, in a fresh process with glibc's default malloc settings and in one that first
-calls `parallel._keep_heap`, as the workers do. Two processes of each, alternating; the better of
+calls `fast.workers._keep_heap`, as the workers do. Two processes of each, alternating; the better of
 each. With `--chunks`, the time of 256 examples passed 64, 128, ... at a time instead (the size of
-`LocalModel.PREFIX_CHUNK`). (The version in the commit that added this file also timed a way of
+`FrozenPrefix.CHUNK`). (The version in the commit that added this file also timed a way of
 laying out attention that was not kept: see docs/benchmarks.md.)
 
 With `--zero-lora`, the same pass with and without skipping the LoRA of the frozen layers (B = 0:
-`packed._zero_lora`), alternating six times in one process; the medians.
+`fast.packed._zero_lora`), alternating six times in one process; the medians.
 
     python benchmarks/first_pass.py
     python benchmarks/first_pass.py --chunks 32,64,128,256
@@ -34,7 +34,7 @@ EXAMPLES, REPEATS = 64, 20
 def setup(examples: int = EXAMPLES, keep_heap: bool = True):
     """W2's model, one thread, and the token ids of `examples` training examples."""
     if keep_heap:
-        from hierfedlora.parallel import _keep_heap
+        from hierfedlora.fast.workers import _keep_heap
 
         _keep_heap()
     torch.set_num_threads(1)
@@ -44,16 +44,16 @@ def setup(examples: int = EXAMPLES, keep_heap: bool = True):
 
 
 def chunks(sizes: list[int]) -> None:
-    """256 examples passed `LocalModel.PREFIX_CHUNK` at a time, for each size (heap kept)."""
+    """256 examples passed `FrozenPrefix.CHUNK` at a time, for each size (heap kept)."""
     sim, ids = setup(256)
     for size in sizes:
-        sim.model.PREFIX_CHUNK = size
+        sim.model.prefix.CHUNK = size
         print(f"first pass, 256 examples in chunks of {size}: {mean(lambda: sim.model.prefix_rows(ids), 5) * 1e3:.0f} ms")
 
 
 def zero_lora() -> None:
     """The first pass with the zero-LoRA skip and with the LoRA products computed (heap kept)."""
-    from hierfedlora import packed
+    from hierfedlora.fast import packed
 
     sim, ids = setup()
     skip, times = packed._zero_lora, {"skipped": [], "computed": []}

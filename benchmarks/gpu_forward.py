@@ -1,4 +1,4 @@
-"""On a GPU: the packed forward against the plain transformers forward (why models.py packs on CPU only).
+"""On a GPU: the packed forward against the plain transformers forward (why `fast.model` packs on CPU only).
 
     python benchmarks/gpu_forward.py
 
@@ -15,8 +15,8 @@ import time
 import torch
 from speed import config
 
-from hierfedlora import packed
 from hierfedlora.engine import Simulation
+from hierfedlora.fast import packed
 
 
 def main() -> int:

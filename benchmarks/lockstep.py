@@ -2,9 +2,9 @@
 
 W2's setting of `benchmarks/speed.py` (real MiniLM, `rotten_tomatoes`, top 2 layers trained, cache
 below layer 4), one thread: the first local round (8 steps of batch 16) of 10 devices, as a worker
-runs its share of a round, with `trainer.run_jobs` at each lockstep value. Their examples are cached
+runs its share of a round, with `fast.joined.run_jobs` at each lockstep value. Their examples are cached
 by a first call, so this times the training steps alone. The values take turns, three times; the
-median of each. The outputs are the same at every value (tests/test_speed.py checks bit for bit).
+median of each. The outputs are the same at every value (tests/fast/test_joined.py checks bit for bit).
 
     python benchmarks/lockstep.py                 # W2
     python benchmarks/lockstep.py --workload W1   # every layer trained, no cache
@@ -19,12 +19,12 @@ import time
 import numpy as np
 import torch
 
+from hierfedlora.device.train import DeviceData
 from hierfedlora.engine import Simulation
+from hierfedlora.fast.joined import run_jobs
+from hierfedlora.fast.workers import _keep_heap
 from hierfedlora.lora_state import to_device
-from hierfedlora.parallel import _keep_heap
-from hierfedlora.protocol import DevicePlan
-from hierfedlora.protocol import DeviceJob, LocalTraining
-from hierfedlora.trainer import DeviceData, run_jobs
+from hierfedlora.protocol import DeviceJob, DevicePlan, LocalTraining
 from speed import config
 
 DEVICES, REPEATS = 10, 3

@@ -3,7 +3,7 @@
 One MiniLM-sized batch (16 examples of 5-60 tokens, padded width 64, hidden 384, 12 heads), one
 thread: the hidden-state mask of a layer (real tokens only), the top layer's first-token mask, and
 the attention-probability mask (real query and key pairs only). Checks that both leave the
-generator in the same state (the values are checked bit for bit in tests/test_masks.py), then
+generator in the same state (the values are checked bit for bit in tests/fast/test_masks.py), then
 prints the time of each and the ratio, and the time to lay out a batch's attention-dropout runs.
 
     python benchmarks/masks.py
@@ -16,8 +16,8 @@ import time
 import numpy as np
 import torch
 
-from hierfedlora import masks
-from hierfedlora.packed import make_pack
+from hierfedlora.fast import masks
+from hierfedlora.fast.packed import make_pack
 
 B, W, HIDDEN, HEADS, KEEP = 16, 64, 384, 12, 0.9
 

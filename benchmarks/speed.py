@@ -35,8 +35,8 @@ from hierfedlora.config import build_config
 from hierfedlora.data import collate
 from hierfedlora.engine import Simulation
 from hierfedlora.lora_state import State, parse_key
-from hierfedlora.models import find_layers, load_base
-from hierfedlora.trainer import sample_batches, torch_seed
+from hierfedlora.device.model import find_layers, load_base
+from hierfedlora.device.train import sample_batches, torch_seed
 
 
 def config(method: dict, quick: bool, threads: int, workers: int = 1):
@@ -207,7 +207,7 @@ def run_workload(name: str, method: dict, args) -> dict:
     same = (rel <= 2e-3 and abs(row["test_acc"] - ref_acc) <= 1.0 / len(sim.work.test) + 1e-12
             and abs(row["test_loss"] - ref_loss) <= 1e-4 * ref_loss)
     print(f"  {name}: engine {t_eng:.1f} s (device jobs {timed.seconds:.1f} s), reference {t_ref:.1f} s, "
-          f"speedup {t_ref / t_eng:.2f}x; layers below {sim.prefix_boundary} cached")
+          f"speedup {t_ref / t_eng:.2f}x; layers below {sim.cached_layers} cached")
     print(f"  {name}: final adapter |engine - reference| / |update| = {rel:.1e}, test acc {row['test_acc']:.4f} "
           f"vs {ref_acc:.4f}, loss {row['test_loss']:.6f} vs {ref_loss:.6f}: {'SAME' if same else 'DIFFERENT'}", flush=True)
     if hasattr(timed, "close"):
@@ -219,9 +219,9 @@ def trace_workers() -> None:
     """Have each worker process print when it ran each batch of work (seconds from now), how much
     of it was first passes through the frozen layers, and the first passes it ran for another
     worker. Call before the first round: the workers are forked then, with these wrappers."""
-    from hierfedlora import parallel
+    from hierfedlora.fast import workers
 
-    t0, timed, lend = time.time(), parallel._timed, parallel._help
+    t0, timed, lend = time.time(), workers._timed, workers._help
 
     def traced(model, items, work, before=None, groups=None):
         start = time.time()
@@ -230,12 +230,13 @@ def trace_workers() -> None:
               f"{sum(p for _, p in out[1]):.2f} s", flush=True)
         return out
 
-    def helped(model, ids, target, keys, boundary):
-        out = lend(model, ids, target, keys, boundary)
-        print(f"    worker {os.getpid()}: {len(keys)} first passes for worker {target} in {out[-1]:.2f} s", flush=True)
+    def helped(model, ids, lent):
+        out = lend(model, ids, lent)
+        print(f"    worker {os.getpid()}: {len(lent.keys)} first passes for worker {lent.target} in {out.seconds:.2f} s",
+              flush=True)
         return out
 
-    parallel._timed, parallel._help = traced, helped
+    workers._timed, workers._help = traced, helped
 
 
 def main() -> int:

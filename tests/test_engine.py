@@ -7,7 +7,6 @@ from hierfedlora.adapter import load_adapter
 from hierfedlora.cli import main
 from hierfedlora.engine import CHECKPOINT, CheckpointError, Simulation
 from hierfedlora.experiment import prepare_run_dir, run_experiment
-from hierfedlora.models import LocalModel, load_base, load_tokenizer
 
 
 def read_rows(path):
@@ -87,13 +86,3 @@ def test_adapter_reloads_in_peft_to_same_accuracy(tiny_cfg, tmp_path):
             n += len(pred)
     assert correct / n == pytest.approx(summary["final_acc"], abs=1e-9)
     assert sorted(labels) == ["neg", "pos"]
-
-
-def test_layers_found_in_llama_style_models():
-    tok = load_tokenizer("tiny-llama")
-    m = LocalModel(load_base("tiny-llama", 3, tok), ["q_proj", "v_proj"], 4, 8.0)
-    assert m.layout.num_layers == 4 and set(m.layout.modules) == {"self_attn.q_proj", "self_attn.v_proj"}
-    assert m.layout.modules["self_attn.v_proj"] == (32, 16)  # grouped-query attention: 2 of 4 heads
-    assert m.cost.mlp_matrices == 3
-    state = m.init_state({3: 4})
-    assert set(k.split(".")[0] for k in state if not k.startswith("head")) == {"3"}

@@ -19,7 +19,7 @@ from hierfedlora.strategies import hetlora
 from hierfedlora.protocol import DevicePlan, TrainResult
 from hierfedlora.protocol import LocalTraining
 from hierfedlora.strategies.registry import trainer_options
-from hierfedlora.trainer import local_train
+from hierfedlora.device.train import local_train
 
 ROOT = Path(__file__).resolve().parent.parent
 ALPHA = 8.0

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from hierfedlora.device.model import (find_layers, head_modules, head_parameters, load_base, load_tokenizer,
+                                      modules_to_save, resolve_model_path)
 from hierfedlora.lora_state import State, lora_key
-from hierfedlora.models import find_layers, head_modules, load_base, load_tokenizer, resolve_model_path
 
 
 def export_adapter(state: State, global_ranks: dict[int, int], model_name: str, target_modules: list[str],
@@ -37,9 +38,9 @@ def export_adapter(state: State, global_ranks: dict[int, int], model_name: str, 
                 rank_pattern[full] = R
     if not full_names:
         raise ValueError("the server state has no LoRA layer to export")
-    heads = [h for h in head_modules(base) if h not in ("classifier", "score")]
+    heads = head_modules(base)
     cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=max(rank_pattern.values()), lora_alpha=alpha,
-                     target_modules=full_names, rank_pattern=rank_pattern, modules_to_save=heads or None)
+                     target_modules=full_names, rank_pattern=rank_pattern, modules_to_save=modules_to_save(heads))
     pm = get_peft_model(base, cfg)
     inner = pm.base_model.model
     with torch.no_grad():
@@ -49,9 +50,8 @@ def export_adapter(state: State, global_ranks: dict[int, int], model_name: str, 
             sub = full[len(layer_path) + 1:].split(".", 1)[1]
             mod.lora_A["default"].weight.copy_(state[lora_key(l, sub, "A")])
             mod.lora_B["default"].weight.copy_(state[lora_key(l, sub, "B")])
-        for h in head_modules(base):
-            for pname, p in getattr(inner, h).modules_to_save["default"].named_parameters():
-                p.copy_(state[f"head.{h}.{pname}"])
+        for key, p in head_parameters(pm, heads).items():
+            p.copy_(state[key])
     pm.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "hierfedlora.json").write_text(json.dumps(

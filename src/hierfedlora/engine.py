@@ -25,14 +25,18 @@ import torch
 from hierfedlora import data as data_mod
 from hierfedlora.clock import TrafficMeter, compute_time, transfer_time
 from hierfedlora.config import ExperimentConfig
+from hierfedlora.device.executor import LocalExecutor
+from hierfedlora.device.model import load_base, load_tokenizer, resolve_device
+from hierfedlora.device.train import FleetData
+from hierfedlora.fast.joined import JoinedExecutor
+from hierfedlora.fast.model import FastModel
+from hierfedlora.fast.prefix_cache import PrefixCache
+from hierfedlora.fast.workers import ProcessExecutor, WorkerSetup
 from hierfedlora.fleet import DeviceProfile, availability, build_fleet, round_profiles
 from hierfedlora.lora_state import State, from_device, num_bytes, to_device
-from hierfedlora.models import LocalModel, load_base, load_tokenizer
 from hierfedlora.partition import label_histograms, partition
-from hierfedlora.prefix_cache import PrefixCache
-from hierfedlora.protocol import DeviceJob, Executor, Job, JobOutput, LocalTraining, SetupInfo, TrainResult
+from hierfedlora.protocol import DeviceJob, Executor, Job, LocalTraining, SetupInfo, TrainResult
 from hierfedlora.strategies.registry import get_strategy, trainer_options
-from hierfedlora.trainer import DeviceData, evaluate, lockstep_groups, run_jobs
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
@@ -58,6 +62,10 @@ class Workload:
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
+
+    def fleet_data(self) -> FleetData:
+        """Every device's data, as the executors read it."""
+        return FleetData(self.ids, self.labels, self.parts, self.pad_id)
 
 
 def build_workload(cfg: ExperimentConfig, tokenizer) -> Workload:
@@ -98,40 +106,21 @@ def local_training(cfg: ExperimentConfig) -> LocalTraining:
                          backward_ratio=cfg.fleet.backward_ratio, lockstep=t.lockstep, regularisers=trainer_options())
 
 
-class LocalExecutor:
-    """Runs device jobs in this process, one after another, on the shared `LocalModel`."""
-
-    def __init__(self, sim: "Simulation"):
-        self.sim = sim
-        self.settings = local_training(sim.cfg)
-
-    def _data(self, device: int) -> DeviceData:
-        w = self.sim.work
-        return DeviceData(w.ids, w.labels, w.parts[device], w.pad_id)
-
-    def run(self, rnd: int, jobs: list[DeviceJob]) -> list[JobOutput | None]:
-        return run_jobs(self.sim.model, [(self._data(j.plan.device), j) for j in jobs], rnd, self.settings)
-
-    def groups(self, jobs: list[DeviceJob]) -> list[list[int]]:
-        """The jobs `run` trains together (indices)."""
-        sim = self.sim
-        return lockstep_groups(sim.model, [j.plan for j in jobs], [len(sim.work.parts[j.plan.device]) for j in jobs],
-                               sim.cfg.train.batch_size, sim.cfg.train.lockstep)
-
-    def evaluate(self, payload, ranks: dict[int, int], batches) -> tuple[float, float]:
-        self.sim.model.load(payload, ranks, ())
-        return evaluate(self.sim.model, batches)
-
-    def close(self) -> None:
-        pass
+def local_executor(sim: "Simulation") -> Executor:
+    """The executor that runs the simulation's jobs in this process on its model: with devices
+    joined where their plans allow it (`train.lockstep` > 1), else one after another."""
+    settings = local_training(sim.cfg)
+    kind = JoinedExecutor if settings.lockstep > 1 else LocalExecutor
+    return kind(sim.model, sim.work.fleet_data(), settings)
 
 
 class Simulation:
     """One experiment: build everything from the config, then `run()`.
 
-    Devices' local work goes through the executor that `executor(sim)` builds (default: in this
-    process, or worker processes with `train.workers`); the Flower deployment passes one that sends
-    the same jobs to SuperNodes.
+    The device model is the fast one (`fast.model.FastModel`: the plain `device.model.LocalModel`
+    where the architecture or the device has no packed forward). Devices' local work goes through
+    the executor that `executor(sim)` builds (default: in this process, or worker processes with
+    `train.workers`); the Flower deployment passes one that sends the same jobs to SuperNodes.
     """
 
     def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None = None,
@@ -145,9 +134,8 @@ class Simulation:
         self.work = build_workload(cfg, self.tokenizer)
         self.base_profiles = build_fleet(cfg.fleet.name, cfg.fleet.num_devices, seed)
         base = load_base(cfg.model.name, self.work.num_classes, self.tokenizer, seed)
-        device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = LocalModel(base, cfg.model.target_modules, cfg.model.rank, cfg.model.alpha, cfg.model.lora_dropout,
-                                seed, device)
+        self.model = FastModel(base, cfg.model.target_modules, cfg.model.rank, cfg.model.alpha, cfg.model.lora_dropout,
+                               seed, resolve_device(cfg.train.device))
         w = self.work
         self.setup = SetupInfo(
             layout=self.model.layout,
@@ -170,7 +158,7 @@ class Simulation:
         self.strategy = entry.strategy(cfg.method_settings(), self.setup)
         self.global_ranks = dict(self.strategy.global_ranks())
         self.state: State = self.model.init_state(self.global_ranks)
-        self.prefix_boundary = self._enable_prefix_cache()
+        self.cached_layers = self._enable_prefix_cache()
         self.test_batches = _length_sorted_batches(w, w.test, cfg.train.eval_batch_size)
         self.val_batches = _length_sorted_batches(w, w.val, cfg.train.eval_batch_size) if len(w.val) else []
         self.meter = TrafficMeter()
@@ -180,19 +168,20 @@ class Simulation:
         self.executor: Executor = executor(self) if executor else self._default_executor()
 
     def _default_executor(self) -> Executor:
-        """In this process, or in worker processes (train.workers; see `parallel`)."""
-        n = self.cfg.train.workers or (os.cpu_count() or 1)
+        """In this process, or in worker processes (train.workers; see `fast.workers`)."""
+        cfg = self.cfg
+        n = cfg.train.workers or (os.cpu_count() or 1)
         if n <= 1:
-            return LocalExecutor(self)
+            return local_executor(self)
         if self.model.device.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
             warnings.warn("train.workers > 1 needs a CPU run on a system that can fork; running jobs in this process.")
-            return LocalExecutor(self)
-        from hierfedlora.parallel import ProcessExecutor
-
-        return ProcessExecutor(self, n)
+            return local_executor(self)
+        setup = WorkerSetup(self.model, self.work.fleet_data(), local_training(cfg), cfg.train.cache_memory_mb)
+        return ProcessExecutor(setup, n)
 
     def _enable_prefix_cache(self) -> int:
-        """Cache layers below the strategy's lowest trainable layer (0 = no cache; see prefix_cache)."""
+        """Cache layers below the strategy's lowest trainable layer; returns how many layers the
+        cache serves (0 = no cache; see `fast.prefix_cache`)."""
         cfg, w = self.cfg, self.work
         lowest = self.strategy.lowest_trainable_layer()
         if not cfg.train.prefix_cache or lowest <= 0:

@@ -1,7 +1,7 @@
 """The LoRA state that crosses the wire, as plain `dict[str, Tensor]`.
 
 Keys: `"{layer}.{module}.A"` (shape [r, in]), `"{layer}.{module}.B"` (shape [out, r]) and
-`"head.{param}"` for the classifier head. Layers are counted from the input (0) to the output
+`"head.{module}.{param}"` for the classifier head (`head_key`). Layers are counted from the input (0) to the output
 (L-1); "the top d layers" are L-d .. L-1.
 
 Two conventions for the scale alpha/r (design.md §2, LEGEND/HetLoRA): the server keeps layer l at its
@@ -20,21 +20,31 @@ import torch
 State = dict[str, torch.Tensor]
 
 
+HEAD = "head."  # the prefix of every head key
+
+
 def lora_key(layer: int, module: str, factor: str) -> str:
     return f"{layer}.{module}.{factor}"
 
 
+def head_key(module: str, param: str) -> str:
+    """The key of parameter `param` of head module `module` (e.g. "head.classifier.weight")."""
+    return f"{HEAD}{module}.{param}"
+
+
+def parse_head_key(key: str) -> tuple[str, str]:
+    """(head module, parameter name inside it) of a head key: `head_key` undone."""
+    module, param = key[len(HEAD):].split(".", 1)
+    return module, param
+
+
 def parse_key(key: str) -> tuple[int, str, str] | None:
     """(layer, module, 'A'|'B') for a LoRA key, None for a head key."""
-    if key.startswith("head."):
+    if key.startswith(HEAD):
         return None
     layer, rest = key.split(".", 1)
     module, factor = rest.rsplit(".", 1)
     return int(layer), module, factor
-
-
-def is_head(key: str) -> bool:
-    return key.startswith("head.")
 
 
 def layer_of(key: str) -> int | None:

