@@ -264,14 +264,39 @@ class Strategy(StrategyBase):
         for k, _, depth, _ in runs:
             gstate, results, _ = out[k]
             if self.edge and results:  # edge aggregator -> PS: trained layers + head
-                layers = set(range(self.L - depth, self.L))
-                sent = [key for key in gstate if layer_of(key) is None or layer_of(key) in layers]
-                out[k][2] += ctx.transfer(num_bytes(gstate, bpp, sent), 0, "wan", EDGE_AGGREGATOR)
+                sent = _trained_part(gstate, range(self.L - depth, self.L))
+                out[k][2] += ctx.transfer(num_bytes(sent, bpp), 0, "wan", EDGE_AGGREGATOR)
         return {k: (g, r, float(sec)) for k, (g, r, sec) in out.items()}
 
     def run_round(self, rnd: int, state: State, ctx: RoundContext) -> tuple[State, RoundReport]:
-        avail = set(ctx.available)
         before = ctx.validate(state)
+        info, runs, chosen = self._choose_arms(ctx)
+        done = self._group_rounds(state, runs, ctx)
+        updates, weights, all_results, times = [], [], [], []
+        for k, _, depth, _ in runs:
+            gstate, results, seconds = done[k]
+            info[k]["time_s"] = seconds
+            times.append(seconds)
+            if results:
+                sizes = {r.device: r.num_examples for r in results}  # each member once, whatever τ
+                updates.append(_trained_part(gstate, range(self.L - depth, self.L)))
+                weights.append(sum(sizes.values()))
+                all_results += results
+                self._reward(k, chosen[k], before, ctx.validate(gstate), seconds, len(sizes), info[k])
+        extra = {"val_loss_start": before[0], "groups": info}
+        if not updates:  # nobody reported: the model stays, the round still took the waiting time
+            return state, RoundReport(max(times, default=0.0), float("nan"), [], extra)
+        return layerwise_aggregate(state, updates, weights), RoundReport(
+            sim_time_s=max(times),
+            train_loss=weighted_loss(all_results),
+            participants=sorted({r.device for r in all_results}),
+            extra=extra,
+        )
+
+    def _choose_arms(self, ctx: RoundContext) -> tuple[list[dict[str, Any]], list[tuple[int, list[int], int, int]], dict[int, int]]:
+        """Each group's arm for this round: (metrics row per group, (k, available members, depth, τ)
+        of each group that plays, arm index by group)."""
+        avail = set(ctx.available)
         if self.s.round_budget_s is not None:
             fleet_budget = self.s.round_budget_s
         elif self.s.budget_scope == "round" and avail:
@@ -293,34 +318,16 @@ class Strategy(StrategyBase):
             runs.append((k, members, depth, tau))
             chosen[k] = arm
             row.update({"depth": depth, "tau": tau, "predicted_s": predicted, "budget_s": budget, "eligible": eligible})
-        done = self._group_rounds(state, runs, ctx)
-        updates, weights, all_results, times = [], [], [], []
-        for k, _, depth, _ in runs:
-            gstate, results, seconds = done[k]
-            row = info[k]
-            row["time_s"] = seconds
-            times.append(seconds)
-            if results:
-                layers = set(range(self.L - depth, self.L))
-                updates.append({key: v for key, v in gstate.items() if layer_of(key) is None or layer_of(key) in layers})
-                sizes = {r.device: r.num_examples for r in results}
-                weights.append(sum(sizes.values()))
-                all_results += results
-                after = ctx.validate(gstate)
-                row.update({"val_loss": after[0], "val_acc": after[1], "participants": len(sizes)})
-                if seconds > 0:
-                    r = float(reward_of(before, after, seconds, self.s.reward))
-                    self.bandits[k].update(chosen[k], r)
-                    row["reward"] = r
-        extra = {"val_loss_start": before[0], "groups": info}
-        if not updates:  # nobody reported: the model stays, the round still took the waiting time
-            return state, RoundReport(max(times, default=0.0), float("nan"), [], extra)
-        return layerwise_aggregate(state, updates, weights), RoundReport(
-            sim_time_s=max(times),
-            train_loss=weighted_loss(all_results),
-            participants=sorted({r.device for r in all_results}),
-            extra=extra,
-        )
+        return info, runs, chosen
+
+    def _reward(self, k: int, arm: int, before: tuple[float, float], after: tuple[float, float], seconds: float,
+                reported: int, row: dict[str, Any]) -> None:
+        """Feed group k's bandit the gain of its group model per simulated second; record it in `row`."""
+        row.update({"val_loss": after[0], "val_acc": after[1], "participants": reported})
+        if seconds > 0:
+            r = float(reward_of(before, after, seconds, self.s.reward))
+            self.bandits[k].update(arm, r)
+            row["reward"] = r
 
     # -- persistence and outputs ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -350,6 +357,12 @@ class Strategy(StrategyBase):
         name = f"arms_{label}.png"
         plot_arms(rows, Path(out_dir) / name, 1 + max(groups))
         return [name]
+
+
+def _trained_part(state: State, layers) -> State:
+    """The head and the LoRA of `layers`: what a group reports to the PS."""
+    keep = set(layers)
+    return {key: v for key, v in state.items() if layer_of(key) is None or layer_of(key) in keep}
 
 
 def plot_arms(rows: list[dict[str, Any]], path: str | Path, num_groups: int) -> None:
