@@ -10,7 +10,7 @@ from hierfedlora.engine import Simulation
 from hierfedlora.lora_state import delta_w, from_device, to_device
 from hierfedlora.strategies import flexlora
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ALPHA = 8.0
 
 

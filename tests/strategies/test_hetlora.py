@@ -21,7 +21,7 @@ from hierfedlora.protocol import LocalTraining
 from hierfedlora.strategies.registry import trainer_options
 from hierfedlora.device.train import local_train
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ALPHA = 8.0
 
 

@@ -9,7 +9,7 @@ from hierfedlora.config import load_config
 from hierfedlora.engine import CHECKPOINT, Simulation
 from hierfedlora.strategies.hierfedlora import layerwise_aggregate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _t(x: float) -> torch.Tensor:

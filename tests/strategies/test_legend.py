@@ -18,7 +18,7 @@ from hierfedlora.lora_state import delta_w, from_device, to_device
 from hierfedlora.strategies import legend
 from hierfedlora.protocol import Layout, SetupInfo, TrainResult
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ALPHA = 8.0
 
 
