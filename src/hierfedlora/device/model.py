@@ -70,7 +70,8 @@ def model_cache_dir() -> Path:
 
 
 def _gguf_to_folder(name: str) -> str:
-    """Dequantise a packaged GGUF once (~40 s) into a safetensors folder under the model cache."""
+    """Dequantise a packaged GGUF once (slow, so at first use only) into a safetensors folder under the
+    model cache."""
     pkg, fname, hint = GGUF_MODELS[name]
     target = model_cache_dir() / name
     if (target / "config.json").exists():
