@@ -6,20 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from hierfedlora.config import ConfigError, load_config
-from hierfedlora.experiment import default_out, print_summary, resume_config, run_experiment
+from hierfedlora.config import ConfigError
+from hierfedlora.experiment import default_out, print_summary, run_experiment, select_run
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.resume:
-        out = Path(args.resume)
-        cfg = resume_config(out, args.config, args.set)
-        resume = True
-    else:
-        cfg = load_config(args.config, args.set)
-        out = Path(args.out) if args.out else default_out(args.config)
-        resume = False
-    summary = run_experiment(cfg, out, overwrite=args.overwrite, resume=resume,
+    cfg, out = select_run(args.config, args.set, args.out, args.resume, args.overwrite)
+    summary = run_experiment(cfg, out, overwrite=args.overwrite, resume=bool(args.resume),
                              progress=cfg.run.progress and not args.quiet)
     print_summary(summary, out)
     return 0
@@ -72,7 +65,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
-    out = Path(args.out) if args.out else Path("runs") / f"compare-{Path(args.config).stem if args.config else 'default'}"
+    out = Path(args.out) if args.out else default_out(args.config, prefix="compare-")
     report = run_comparison(args.config, methods, args.seeds, out, args.set, progress=not args.quiet)
     print(report.read_text())
     return 0

@@ -16,9 +16,9 @@ from typing import Any
 from hierfedlora.config import ConfigError, ExperimentConfig, dump_config, load_config
 
 
-def default_out(config_path: str | None, suffix: str = "") -> Path:
-    """runs/<config name><suffix> (runs/default<suffix> without a config file)."""
-    return Path("runs") / ((Path(config_path).stem if config_path else "default") + suffix)
+def default_out(config_path: str | None, suffix: str = "", prefix: str = "") -> Path:
+    """runs/<prefix><config name><suffix> (config name "default" without a config file)."""
+    return Path("runs") / (prefix + (Path(config_path).stem if config_path else "default") + suffix)
 
 
 def resume_config(out: Path, config: str | None, overrides: list[str]) -> ExperimentConfig:
@@ -36,6 +36,20 @@ def check_run_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"run directory '{out}' already holds a run; use --resume {out} to continue it, "
                               "--overwrite to replace it, or --out to pick another directory.")
+
+
+def select_run(config: str | None, overrides: list[str], out: str | None, resume: str | None, overwrite: bool,
+               suffix: str = "") -> tuple[ExperimentConfig, Path]:
+    """(config, run directory) of an experiment command's arguments: --resume DIR takes DIR's own
+    config; otherwise CONFIG with --set overrides goes to --out (default `default_out`), which
+    must not hold another run unless --overwrite."""
+    if resume:
+        path = Path(resume)
+        return resume_config(path, config, overrides), path
+    cfg = load_config(config, overrides)
+    path = Path(out) if out else default_out(config, suffix)
+    check_run_dir(path, overwrite)
+    return cfg, path
 
 
 def prepare_run_dir(cfg: ExperimentConfig, out: Path, overwrite: bool) -> None:

@@ -79,16 +79,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _experiment(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
     """(config, run directory) by the rules every experiment command follows (`experiment`)."""
-    from hierfedlora.config import load_config
-    from hierfedlora.experiment import check_run_dir, default_out, resume_config
+    from hierfedlora.experiment import select_run
 
-    if args.resume:
-        out = Path(args.resume)
-        cfg = resume_config(out, args.config, args.set)
-    else:
-        cfg = load_config(args.config, args.set)
-        out = Path(args.out) if args.out else default_out(args.config, "-flower")
-        check_run_dir(out, args.overwrite)
+    cfg, out = select_run(args.config, args.set, args.out, args.resume, args.overwrite, suffix="-flower")
     return cfg, out.resolve()
 
 
