@@ -1,16 +1,11 @@
-import tomllib
-from pathlib import Path
 
 import pytest
 import torch
 
 from hierfedlora.aggregate import svd_factors, svd_redistribute, weighted_delta_w
-from hierfedlora.config import load_config
 from hierfedlora.engine import Simulation
 from hierfedlora.lora_state import delta_w, from_device, to_device
-from hierfedlora.strategies import flexlora
 
-ROOT = Path(__file__).resolve().parents[2]
 ALPHA = 8.0
 
 
@@ -84,12 +79,3 @@ def test_flexlora_runs_with_heterogeneous_ranks_and_keeps_svd_form(tiny_cfg, tmp
         if key.endswith(".A"):
             a, b = sim.state[key], sim.state[key[:-1] + "B"]
             assert torch.allclose(b.norm(dim=0), a.norm(dim=1), rtol=1e-3, atol=1e-6)
-
-
-def test_config_file_differs_from_fedlora_only_in_method():
-    cfg, base = load_config(ROOT / "configs" / "flexlora.toml"), load_config(ROOT / "configs" / "fedlora.toml")
-    d, b = cfg.to_dict(), base.to_dict()
-    assert d["method"] == {"name": "flexlora", **flexlora.Settings().model_dump(mode="json", exclude_none=True)}
-    assert {k: v for k, v in d.items() if k != "method"} == {k: v for k, v in b.items() if k != "method"}
-    raw = tomllib.loads((ROOT / "configs" / "flexlora.toml").read_text())
-    assert set(raw["method"]) == {"name", *flexlora.Settings().model_dump(exclude_none=True)}

@@ -1,7 +1,5 @@
 import json
 import math
-import tomllib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +8,6 @@ import torch
 from hierfedlora.aggregate import delta_norms, zero_pad_average
 from hierfedlora.cli import main
 from hierfedlora.experiment import run_experiment
-from hierfedlora.config import load_config
 from hierfedlora.engine import Simulation
 from hierfedlora.experiment import prepare_run_dir
 from hierfedlora.fleet import build_fleet
@@ -21,7 +18,6 @@ from hierfedlora.protocol import LocalTraining
 from hierfedlora.strategies.registry import trainer_options
 from hierfedlora.device.train import local_train
 
-ROOT = Path(__file__).resolve().parents[2]
 ALPHA = 8.0
 
 
@@ -171,12 +167,3 @@ def test_hetlora_with_pruning_resumes_exactly(tiny_cfg, tmp_path):
     rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert rows(tmp_path / "a") == rows(tmp_path / "b")
     assert math.isfinite(rows(tmp_path / "a")[-1]["test_loss"])
-
-
-def test_config_file_differs_from_fedlora_only_in_method():
-    cfg, base = load_config(ROOT / "configs" / "hetlora.toml"), load_config(ROOT / "configs" / "fedlora.toml")
-    d, b = cfg.to_dict(), base.to_dict()
-    assert d["method"] == {"name": "hetlora", **hetlora.Settings().model_dump(mode="json", exclude_none=True)}
-    assert {k: v for k, v in d.items() if k != "method"} == {k: v for k, v in b.items() if k != "method"}
-    raw = tomllib.loads((ROOT / "configs" / "hetlora.toml").read_text())
-    assert set(raw["method"]) == {"name", *hetlora.Settings().model_dump(exclude_none=True)}

@@ -1,15 +1,12 @@
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from hierfedlora.config import load_config
 from hierfedlora.engine import CHECKPOINT, Simulation
 from hierfedlora.strategies.hierfedlora import layerwise_aggregate
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _t(x: float) -> torch.Tensor:
@@ -121,14 +118,6 @@ def test_resume_repeats_the_uninterrupted_run(tiny_cfg, tmp_path):
     other = Simulation(cfg).strategy
     other.load_state_dict(json.loads(json.dumps(d)))  # plain JSON-able types
     assert other.state_dict() == d
-
-
-def test_config_differs_from_fedlora_only_in_method():
-    a = load_config(ROOT / "configs" / "fedlora.toml").to_dict()
-    b = load_config(ROOT / "configs" / "hierfedlora.toml").to_dict()
-    assert {k: v for k, v in a.items() if k != "method"} == {k: v for k, v in b.items() if k != "method"}
-    from hierfedlora.strategies.hierfedlora import Settings
-    assert b["method"] == {"name": "hierfedlora", **Settings().model_dump(exclude_none=True)}
 
 
 def test_random_grouping_ablation_uses_seeded_random_groups(tiny_cfg):
