@@ -1,7 +1,7 @@
 """Deployment through Flower (design.md §1.2): the same strategies on real SuperNodes.
 
 - `server_app`: a ServerApp that runs `Simulation` with a `FlowerExecutor`;
-- `client_app`: a ClientApp that runs `trainer.run_job` for the device its node plays;
+- `client_app`: a ClientApp that runs `device.train.run_job` for the device its node plays;
 - `messages`: the typed records that cross the wire;
 - `executor`: jobs -> messages -> `JobOutput`, node discovery, traffic and participation logs;
 - `run_config`: what the ServerApp and its launcher share (run config keys, run-directory files);

@@ -7,7 +7,7 @@ answers two messages:
 - ``query``: the server sends the experiment (its config as TOML and a fingerprint); the node
   builds the same data workload as the simulator, keeps only its partition in the run's context
   state, and replies with its partition id. This is how the server maps devices to node IDs.
-- ``train``: a plan and its tensors; the node calls `trainer.run_job`, the very function the
+- ``train``: a plan and its tensors; the node calls `device.train.run_job`, the very function the
   simulator calls, so with the same seed it computes the same update.
 
 Flower starts a fresh ClientApp process per message, so everything that must outlive a message
@@ -102,7 +102,7 @@ def _device_data(context: Context):
 
 
 class _TokenizerFacts:
-    """What `models.load_base` reads from a tokenizer (its size and pad id), kept from the query so a
+    """What `device.model.load_base` reads from a tokenizer (its size and pad id), kept from the query so a
     training process does not load the tokenizer again (Flower starts one process per message)."""
 
     def __init__(self, vocab_size: int, pad_token_id: int):

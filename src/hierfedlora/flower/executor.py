@@ -99,7 +99,7 @@ class FlowerExecutor:
         from hierfedlora.engine import config_fingerprint, local_training
 
         self.grid, self.cfg = grid, cfg
-        self.evaluator = evaluator  # evaluation runs on the server's model (`engine.LocalExecutor`)
+        self.evaluator = evaluator  # evaluation runs on the server's model (`engine.local_executor`)
         self.out = Path(out_dir) if out_dir else None
         self.round_timeout, self.node_wait, self.query_timeout = float(round_timeout), float(node_wait), float(query_timeout)
         self.log = log
