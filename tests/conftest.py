@@ -52,3 +52,21 @@ def tiny_cfg(synthetic_csv, tmp_path):
         return build_config(raw, sets)
 
     return make
+
+
+@pytest.fixture
+def adapter_accuracy():
+    """accuracy(model, batches): test accuracy of a loaded model (e.g. an exported adapter in PEFT)
+    over pre-collated batches, to set beside the run's own `final_acc`."""
+    import torch
+
+    def accuracy(model, batches) -> float:
+        correct = n = 0
+        with torch.no_grad():
+            for batch in batches:
+                pred = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+                correct += int((pred == batch["labels"]).sum())
+                n += len(pred)
+        return correct / n
+
+    return accuracy

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from hierfedlora.adapter import load_adapter
 from hierfedlora.cli import main
@@ -71,18 +70,12 @@ def test_bad_checkpoints_and_overwrite_protection(tiny_cfg, tmp_path):
     assert (out / "metrics.jsonl").exists()  # results already written survive
 
 
-def test_adapter_reloads_in_peft_to_same_accuracy(tiny_cfg, tmp_path):
+def test_adapter_reloads_in_peft_to_same_accuracy(tiny_cfg, tmp_path, adapter_accuracy):
     cfg = tiny_cfg(**{"run.rounds": 3, "train.local_steps": 4})
     out = tmp_path / "r"
     summary = run_experiment(cfg, out, progress=False)
     assert (out / "adapter" / "adapter_config.json").exists() and (out / "accuracy.png").exists()
     model, tok, labels = load_adapter(out / "adapter")
     sim = Simulation(cfg)  # same data and test split
-    correct = n = 0
-    with torch.no_grad():
-        for batch in sim.test_batches:
-            pred = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
-            correct += int((pred == batch["labels"]).sum())
-            n += len(pred)
-    assert correct / n == pytest.approx(summary["final_acc"], abs=1e-9)
+    assert adapter_accuracy(model, sim.test_batches) == pytest.approx(summary["final_acc"], abs=1e-9)
     assert sorted(labels) == ["neg", "pos"]
