@@ -192,18 +192,17 @@ class Simulation:
         return lowest if self.model.enable_prefix_cache(lowest, cache) else 0
 
     # -- the RoundContext the strategy sees ------------------------------------------------
-    def _train(self, rnd: int, profiles: list[DeviceProfile], drops: set[int], calls: dict[int, int],
-               dropped: set[int], jobs: list[Job]) -> list[TrainResult]:
+    def _train(self, ctx: "_RoundContext", jobs: list[Job]) -> list[TrainResult]:
         """Send each job to its device through the executor; book bytes and simulated time."""
-        bpp = self.cfg.fleet.bytes_per_param
+        bpp, rnd, profiles, dropped = self.cfg.fleet.bytes_per_param, ctx.rnd, ctx.profiles, ctx.dropped
         sent = []
         for job in jobs:
             plan, d = job.plan, job.plan.device
-            if d in drops:
+            if d in ctx.drops:
                 dropped.add(d)
                 continue
-            k = calls.get(d, 0)
-            calls[d] = k + 1
+            k = ctx.calls.get(d, 0)
+            ctx.calls[d] = k + 1
             payload = to_device(job.state, plan.ranks, self.global_ranks)
             sent.append((plan, payload, k, num_bytes(payload, bpp, plan.downloaded(payload))))
         outputs = self.executor.run(rnd, [DeviceJob(plan, payload, k) for plan, payload, k, _ in sent])
@@ -223,30 +222,11 @@ class Simulation:
                 bytes_down=b_down, bytes_up=b_up))
         return results
 
-    def _context(self, rnd: int):
+    def _context(self, rnd: int) -> "_RoundContext":
         cfg = self.cfg
         profiles = round_profiles(self.base_profiles, rnd, cfg.run.seed, cfg.fleet.bandwidth_jitter)
         available, drops = availability(len(profiles), rnd, cfg.run.seed, cfg.fleet.participation, cfg.fleet.dropout)
-        sim, calls, dropped = self, {}, set()
-
-        class _Ctx:
-            def __init__(self):
-                self.rnd, self.available, self.profiles = rnd, available, profiles
-                self.rng = np.random.default_rng([cfg.run.seed, 6006, rnd])
-                self.dropped = dropped
-
-            def train(self, jobs):
-                return sim._train(rnd, profiles, drops, calls, dropped, jobs)
-
-            def transfer(self, nbytes_up, nbytes_down, link, profile):
-                sim.meter.add(link, up=nbytes_up, down=nbytes_down)
-                up, down, lat = profile.link(link)
-                return transfer_time(nbytes_up, up, lat) + transfer_time(nbytes_down, down, lat)
-
-            def validate(self, state, ranks=None):
-                return sim.evaluate(state, sim.val_batches or sim.test_batches, ranks)
-
-        return _Ctx()
+        return _RoundContext(self, rnd, available, profiles, drops, np.random.default_rng([cfg.run.seed, 6006, rnd]))
 
     def evaluate(self, state: State, batches, ranks: dict[int, int] | None = None) -> tuple[float, float]:
         r = ranks or self.global_ranks
@@ -347,6 +327,35 @@ class Simulation:
             s["bytes_to_target"] = (hit["bytes_up"] + hit["bytes_down"]) if hit else None
         return s
 
+
+
+@dataclasses.dataclass
+class _RoundContext:
+    """`protocol.RoundContext` of one global round of `sim`: who is available, this round's profiles
+    and randomness; training, transfers and validation go through the simulation, which books them.
+    `drops`: devices that drop out if asked to train; `calls`: jobs each device ran this round (its
+    batches and seeds derive from it); `dropped`: who dropped (for the metrics row)."""
+
+    sim: Simulation
+    rnd: int
+    available: list[int]
+    profiles: list[DeviceProfile]
+    drops: set[int]
+    rng: np.random.Generator
+    calls: dict[int, int] = dataclasses.field(default_factory=dict)
+    dropped: set[int] = dataclasses.field(default_factory=set)
+
+    def train(self, jobs: list[Job]) -> list[TrainResult]:
+        return self.sim._train(self, jobs)
+
+    def transfer(self, nbytes_up: int, nbytes_down: int, link: str, profile: DeviceProfile) -> float:
+        self.sim.meter.add(link, up=nbytes_up, down=nbytes_down)
+        up, down, lat = profile.link(link)
+        return transfer_time(nbytes_up, up, lat) + transfer_time(nbytes_down, down, lat)
+
+    def validate(self, state: State, ranks: dict[int, int] | None = None) -> tuple[float, float]:
+        sim = self.sim
+        return sim.evaluate(state, sim.val_batches or sim.test_batches, ranks)
 
 def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
