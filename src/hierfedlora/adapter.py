@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from hierfedlora.device.model import (find_layers, head_modules, head_parameters, load_base, load_tokenizer,
-                                      modules_to_save, resolve_model_path)
+                                      modules_to_save, quiet_peft, resolve_model_path)
 from hierfedlora.lora_state import State, lora_key
 
 
@@ -41,7 +41,8 @@ def export_adapter(state: State, global_ranks: dict[int, int], model_name: str, 
     heads = head_modules(base)
     cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=max(rank_pattern.values()), lora_alpha=alpha,
                      target_modules=full_names, rank_pattern=rank_pattern, modules_to_save=modules_to_save(heads))
-    pm = get_peft_model(base, cfg)
+    with quiet_peft():
+        pm = get_peft_model(base, cfg)
     inner = pm.base_model.model
     with torch.no_grad():
         for full in full_names:
@@ -68,6 +69,7 @@ def load_adapter(adapter_dir: str | Path):
     meta = json.loads((d / "hierfedlora.json").read_text())
     tok = load_tokenizer(meta["base_model"])
     base = load_base(meta["base_model"], len(meta["label_names"]), tok, meta.get("seed", 0))
-    model = PeftModel.from_pretrained(base, d)
+    with quiet_peft():
+        model = PeftModel.from_pretrained(base, d)
     model.eval()
     return model, tok, meta["label_names"]

@@ -78,3 +78,20 @@ def test_a_job_trains_only_its_layers_and_the_executor_gives_what_run_job_gives(
 def test_resolve_device():
     assert resolve_device("cpu") == "cpu" and resolve_device("cuda") == "cuda"
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_wrapping_a_model_in_peft_prints_no_deprecation_warning_of_peft():
+    """PEFT asks transformers' deprecated `is_gradient_checkpointing`; a run must not print it, and
+    any other warning must still come through."""
+    import warnings
+
+    from hierfedlora.device.model import quiet_peft
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_model()
+        with quiet_peft():
+            warnings.warn("something else", FutureWarning)
+    messages = [str(w.message) for w in caught]
+    assert not any("is_gradient_checkpointing" in m for m in messages), messages
+    assert "something else" in messages

@@ -15,6 +15,7 @@ measures the difference); nothing here knows of it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import warnings
@@ -43,6 +44,16 @@ def _offline() -> None:
     transformers is first imported: the hub library reads the variable at import."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """PEFT wraps a model by asking transformers' deprecated `is_gradient_checkpointing`, so every
+    run printed a FutureWarning its user cannot act on. This silences exactly that warning (any
+    other still shows) around our calls into PEFT."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def resolve_device(setting: str) -> str:
@@ -249,7 +260,8 @@ class LocalModel:
                          target_modules=list(target_modules), modules_to_save=modules_to_save(heads))
         torch.manual_seed(seed)
         try:
-            self.peft = get_peft_model(base, cfg)
+            with quiet_peft():
+                self.peft = get_peft_model(base, cfg)
         except ValueError as e:
             raise ValueError(f"LoRA target modules {target_modules} not found in {type(base).__name__}: {e}") from None
         inner = self.peft.base_model.model
