@@ -49,3 +49,49 @@ def test_compare_table_matches_summaries_reuses_runs_and_report_rebuilds(compare
     (out / "table.json").unlink()
     assert main(["report", str(out)]) == 0
     assert json.loads((out / "table.json").read_text()) == table
+
+
+def test_compare_checks_every_method_before_it_trains_any(compare_cfg, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", str(compare_cfg), "--methods", "fedlora,nosuch", "--out", str(out), "--quiet"]) == 2
+    assert "nosuch" in capsys.readouterr().err
+    assert not (out / "fedlora").exists()
+    assert main(["compare", str(compare_cfg), "--methods", " , ", "--out", str(out), "--quiet"]) == 2
+    assert "names no method" in capsys.readouterr().err
+
+
+def test_compare_honours_run_progress(compare_cfg, tmp_path, monkeypatch):
+    import hierfedlora.experiment
+
+    seen = []
+    monkeypatch.setattr(hierfedlora.experiment, "run_experiment", lambda cfg, out, **kw: seen.append(kw["progress"]))
+    # the config says progress = false and --quiet is not given: no run shows a progress bar
+    main(["compare", str(compare_cfg), "--methods", "fedlora", "--out", str(tmp_path / "cmp")])
+    assert seen == [False]
+
+
+def test_report_without_runs_creates_nothing(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "rep")]) == 2
+    assert "no finished runs" in capsys.readouterr().err
+    assert not (tmp_path / "rep").exists()
+
+
+def test_a_run_killed_while_exporting_is_not_finished_and_resumes(tiny_cfg, tmp_path, monkeypatch):
+    import hierfedlora.adapter
+    from hierfedlora.experiment import run_experiment
+
+    cfg, out = tiny_cfg(**{"run.rounds": 2}), tmp_path / "r"
+    real = hierfedlora.adapter.export_adapter
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hierfedlora.adapter, "export_adapter", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, out, progress=False)
+    rows = (out / "metrics.jsonl").read_text()
+    assert not (out / "summary.json").exists()  # summary.json marks a finished run: compare would resume it
+    monkeypatch.setattr(hierfedlora.adapter, "export_adapter", real)
+    summary = run_experiment(cfg, out, resume=True, progress=False)
+    assert (out / "summary.json").exists() and (out / "adapter" / "adapter_config.json").exists()
+    assert (out / "metrics.jsonl").read_text() == rows and summary["rounds"] == 2

@@ -63,6 +63,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from hierfedlora.compare import run_comparison
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError(f"--methods '{args.methods}' names no method; give e.g. --methods fedlora,hierfedlora")
     if args.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
     out = Path(args.out) if args.out else default_out(args.config, prefix="compare-")
@@ -76,8 +78,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     dirs = [Path(d) for d in args.dirs]
     out = Path(args.out) if args.out else dirs[0]
+    runs = load_runs(dirs)  # before anything is created: no runs, no report directory
     out.mkdir(parents=True, exist_ok=True)
-    report = write_report(load_runs(dirs), out, args.target)
+    report = write_report(runs, out, args.target)
     print(report.read_text())
     return 0
 

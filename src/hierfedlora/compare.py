@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from hierfedlora.config import ConfigError, ExperimentConfig, build_config
+from hierfedlora.config import ConfigError, ExperimentConfig, build_config, load_config
 
 TARGET_FRACTION = 0.95
 
@@ -76,21 +76,19 @@ def run_comparison(config_path: str | None, methods: list[str], seeds: int, out:
     from hierfedlora.experiment import run_experiment
 
     raw, variants = read_variants(config_path)
+    # every (method, seed) config first: a bad method or setting fails before anything is trained
+    configs = {(label, seed): method_config(raw, variants, label, seed, overrides) for label in methods for seed in range(seeds)}
     out.mkdir(parents=True, exist_ok=True)
-    for label in methods:
-        for seed in range(seeds):
-            cfg = method_config(raw, variants, label, seed, overrides)
-            run_dir = out / label / f"seed{seed}"
-            if (run_dir / "summary.json").exists() and (run_dir / "config.toml").exists():
-                from hierfedlora.config import load_config
-
-                if config_fingerprint(load_config(run_dir / "config.toml")) == config_fingerprint(cfg):
-                    print(f"reusing finished run {run_dir}")
-                    continue
-                raise ConfigError(f"{run_dir} holds a finished run of a different configuration; "
-                                  "move it away or pick another --out.")
-            resume = (run_dir / CHECKPOINT).exists()
-            run_experiment(cfg, run_dir, resume=resume, overwrite=not resume, progress=progress)
+    for (label, seed), cfg in configs.items():
+        run_dir = out / label / f"seed{seed}"
+        if (run_dir / "summary.json").exists() and (run_dir / "config.toml").exists():
+            if config_fingerprint(load_config(run_dir / "config.toml")) == config_fingerprint(cfg):
+                print(f"reusing finished run {run_dir}")
+                continue
+            raise ConfigError(f"{run_dir} holds a finished run of a different configuration; "
+                              "move it away or pick another --out.")
+        resume = (run_dir / CHECKPOINT).exists()
+        run_experiment(cfg, run_dir, resume=resume, overwrite=not resume, progress=progress and cfg.run.progress)
     return write_report(load_runs([out]), out)
 
 

@@ -99,14 +99,16 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
     finally:
         bar.close()
         sim.executor.close()
-    summary = sim.summary()
-    summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_accuracy(sim.rows, out / "accuracy.png", title=f"{sim.method} on {cfg.data.name}")
     sim.strategy.write_outputs(out, sim.rows)
     if export:
         export_adapter(sim.state, sim.global_ranks, cfg.model.name, cfg.model.target_modules, cfg.model.alpha,
                        sim.work.label_names, out / "adapter", seed=cfg.run.seed)
+    summary = sim.summary()
+    summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    # written last: summary.json marks a finished run (compare reuses such runs; one killed while
+    # exporting has none and is resumed, which exports again)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
