@@ -1,6 +1,10 @@
 """Device jobs in worker processes give the same run; placement and lending as specified; a failure
 in a worker stops the round with its error."""
 
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
@@ -111,3 +115,35 @@ def test_work_failing_in_a_worker_stops_the_round_with_its_error(tiny_cfg, monke
         sim.step()
     assert time.monotonic() - start < 60
     assert ex.conns == [] and ex.procs == [] and not ex.home
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie waiting to be reaped has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_die_with_a_run_killed_by_sigkill(tiny_cfg, tmp_path):
+    """kill -9 of a run leaves no worker process behind (each holds a copy of the model)."""
+    from hierfedlora.config import dump_config
+
+    dump_config(tiny_cfg(**{"train.workers": 2, "run.rounds": 1}), tmp_path / "cfg.toml")
+    script = ("import sys, time\nfrom hierfedlora.config import load_config\nfrom hierfedlora.engine import Simulation\n"
+              "sim = Simulation(load_config(sys.argv[1]))\nsim.step()\nprint('ready', flush=True)\ntime.sleep(600)\n")
+    run = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "cfg.toml")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout.readline().strip() == "ready"
+        with open(f"/proc/{run.pid}/task/{run.pid}/children") as f:
+            workers = [int(p) for p in f.read().split()]
+        assert len(workers) == 2 and all(_alive(w) for w in workers)
+    finally:
+        run.kill()
+        run.wait()
+    deadline = time.monotonic() + 20
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers)

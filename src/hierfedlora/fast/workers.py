@@ -28,7 +28,9 @@ import ctypes
 import ctypes.util
 import multiprocessing
 import multiprocessing.connection
+import os
 import pickle
+import signal
 import threading
 import time
 import traceback
@@ -150,7 +152,20 @@ def _keep_heap() -> None:
     mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks below 32 MiB come from the heap (fixed, not moving)
 
 
-def _serve(setup: WorkerSetup, conn, cache_mb: float) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this worker when its parent dies (Linux `PR_SET_PDEATHSIG`), so that a
+    run killed with SIGKILL leaves no worker holding its memory; elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _serve(setup: WorkerSetup, conn, cache_mb: float, parent: int) -> None:
+    _die_with_parent(parent)
     torch.set_num_threads(1)
     _keep_heap()
     model = setup.model
@@ -313,7 +328,7 @@ class ProcessExecutor:
         cache_mb = self.setup.cache_memory_mb / self.workers  # evaluation runs in the workers too
         for i in range(self.workers):
             mine, theirs = ctx.Pipe()
-            p = ctx.Process(target=_serve, args=(self.setup, theirs, cache_mb), daemon=True, name=f"hierfedlora-worker-{i}")
+            p = ctx.Process(target=_serve, args=(self.setup, theirs, cache_mb, os.getpid()), daemon=True, name=f"hierfedlora-worker-{i}")
             p.start()
             theirs.close()
             self.conns.append(mine)
