@@ -52,3 +52,43 @@ def test_single_run_ignores_compare_variants(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text('[method]\nname = "fedlora"\n[variants.x]\nname = "hierfedlora"\nfixed_tau = 1\n')
     assert load_config(p).method == {"name": "fedlora"}
+
+
+@pytest.mark.parametrize("override, key", [
+    ('run.rounds="3"', "run.rounds"),            # a string is not an int
+    ("run.seed=true", "run.seed"),               # nor is a boolean
+    ('run.progress="yes"', "run.progress"),      # a string is not a boolean
+    ("train.lr=inf", "train.lr"),                # inf and nan are not values (TOML reads them)
+    ("model.alpha=nan", "model.alpha"),
+    ("run.seed=-1", "run.seed"),
+    ("run.seed=18446744073709551616", "run.seed"),
+])
+def test_lax_values_are_refused_and_named(override, key):
+    with pytest.raises(ConfigError, match=rf"bad value for '{key}'"):
+        build_config({}, [override])
+
+
+def test_method_name_must_be_text_and_a_method_without_settings_says_so():
+    with pytest.raises(ConfigError, match=r"'method.name'.*text"):
+        build_config({}, ["method.name=5"])
+    with pytest.raises(ConfigError, match=r"unknown key 'method.depth'.*takes no settings"):
+        build_config({"method": {"name": "fedlora", "depth": 2}})
+
+
+def test_legend_depths_must_be_ordered():
+    with pytest.raises(ConfigError, match=r"depth_min = 4 exceeds method.depth_max = 2"):
+        build_config({"method": {"name": "legend", "depth_min": 4, "depth_max": 2}})
+
+
+def test_null_resets_an_optional_key():
+    assert build_config({"run": {"target_acc": 0.8}}, ["run.target_acc=null"]).run.target_acc is None
+    with pytest.raises(ConfigError, match=r"bad value for 'run.rounds'"):
+        build_config({}, ["run.rounds=null"])  # a required value cannot be unset
+
+
+def test_the_cli_turns_bad_values_into_one_line(capsys):
+    from hierfedlora.cli import main
+
+    assert main(["run", "--set", "train.lr=inf", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr" in err and "Traceback" not in err

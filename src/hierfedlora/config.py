@@ -24,7 +24,9 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: "3", "yes" or true are not numbers or booleans (TOML and --set give typed values);
+    # no inf/nan: a run with lr = inf would "succeed" with a NaN loss
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -89,7 +91,7 @@ class TrainConfig(_Section):
 
 
 class RunConfig(_Section):
-    seed: int = Field(0, description="Seeds data split, partition, fleet draw, model init and training.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seeds data split, partition, fleet draw, model init and training.")
     rounds: int = Field(12, ge=1, description="Global rounds.")
     eval_every: int = Field(2, ge=1, description="Evaluate on the test split every N rounds (and after the last).")
     checkpoint_every: int = Field(2, ge=1, description="Write checkpoint.pt every N rounds.")
@@ -111,6 +113,8 @@ class ExperimentConfig(_Section):
 
         spec = dict(self.method)
         name = spec.pop("name", "fedlora")
+        if not isinstance(name, str):
+            raise ConfigError(f"bad value for 'method.name': a method name is text, e.g. \"hierfedlora\" (got {name!r}).")
         entry = get_strategy(name)
         try:
             return entry.settings(**spec)
@@ -145,18 +149,23 @@ def _format_errors(err: ValidationError, model: type[BaseModel], prefix: str = "
         if e["type"] == "extra_forbidden":
             valid = _valid_keys(model, loc)
             close = difflib.get_close_matches(loc[-1], valid, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(valid)}."
+            hint = (f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(valid)}." if valid
+                    else " This section takes no settings.")
             lines.append(f"unknown key '{key}'.{hint}")
         else:
-            lines.append(f"bad value for '{key}': {e['msg']} (got {e.get('input')!r}).")
+            where = key or prefix.rstrip(".") or "config"  # a check across keys has no location
+            lines.append(f"bad value for '{where}': {e['msg']} (got {e.get('input')!r}).")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """`a.b=value` -> (["a", "b"], value); the value is read as TOML, else taken as a string."""
+    """`a.b=value` -> (["a", "b"], value); the value is read as TOML, else taken as a string;
+    `a.b=null` gives None (an optional key back to unset)."""
     if "=" not in item:
         raise ConfigError(f"--set expects key=value, got '{item}' (e.g. --set train.lr=5e-4).")
     key, raw = item.split("=", 1)
+    if raw.strip() == "null":  # TOML has no null: this resets an optional key to its unset value
+        return key.strip().split("."), None
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:

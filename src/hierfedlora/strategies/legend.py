@@ -46,7 +46,7 @@ from fractions import Fraction
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hierfedlora.aggregate import masked_slot_average
 from hierfedlora.fleet import DeviceProfile
@@ -72,6 +72,14 @@ class Settings(BaseModel):
         None, gt=0, description="Cap on a round's traffic (MB up + down, all devices); None = no cap.")
     reconfigure_every: int = Field(
         1, ge=1, description="Re-run the configuration every this many rounds (with the current bandwidth).")
+
+    @model_validator(mode="after")
+    def _depths_ordered(self) -> "Settings":
+        if self.depth_max is not None and self.depth_min > self.depth_max:
+            raise ValueError(f"method.depth_min = {self.depth_min} exceeds method.depth_max = {self.depth_max}; "
+                             "lower depth_min or raise depth_max")
+        return self
+
 
 # -- rank distribution ----------------------------------------------------------------------------
 
