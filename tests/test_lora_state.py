@@ -23,3 +23,11 @@ def test_rank_zero_layers_are_not_sent_and_bytes_count_tensors():
     assert set(dev) == {"1.q.A", "1.q.B", "head.w"}
     assert num_bytes(dev, 4) == 4 * (3 * 6 + 5 * 3 + 21)
     assert num_bytes(dev, 2, keys=["head.w"]) == 42
+
+
+def test_head_and_layers_keeps_the_head_and_the_given_layers_in_order():
+    from hierfedlora.lora_state import head_and_layers
+
+    keys = ["0.q.A", "0.q.B", "1.q.A", "head.classifier.weight", "2.v.B", "head.classifier.bias"]
+    assert head_and_layers(keys, [2, 0]) == ["0.q.A", "0.q.B", "head.classifier.weight", "2.v.B", "head.classifier.bias"]
+    assert head_and_layers(keys, []) == ["head.classifier.weight", "head.classifier.bias"]

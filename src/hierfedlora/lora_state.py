@@ -52,6 +52,13 @@ def layer_of(key: str) -> int | None:
     return None if p is None else p[0]
 
 
+def head_and_layers(keys: Iterable[str], layers: Iterable[int]) -> list[str]:
+    """The head keys and the LoRA keys of `layers` among `keys`, in order: what a device downloads
+    once it holds the frozen layers, and what a group reports for the layers it trained."""
+    keep = set(layers)
+    return [k for k in keys if layer_of(k) is None or layer_of(k) in keep]
+
+
 def num_bytes(state: State, bytes_per_param: int = 4, keys: Iterable[str] | None = None) -> int:
     """Bytes on the wire for the given tensors (all of `state` when keys is None)."""
     ks = state.keys() if keys is None else keys

@@ -21,7 +21,7 @@ import torch
 
 from hierfedlora.clock import ModelCost, compute_time, step_flops, transfer_time
 from hierfedlora.fleet import DeviceProfile
-from hierfedlora.lora_state import State, layer_of
+from hierfedlora.lora_state import State, head_and_layers
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,7 @@ class DevicePlan:
     def downloaded(self, payload: State) -> list[str]:
         """The keys of `payload` the device downloads (and the meter counts): all of them, or with
         `download="trained"` only the trained layers' and the head's."""
-        trained = set(self.train_layers)
-        return [k for k in payload if self.download == "all" or layer_of(k) is None or layer_of(k) in trained]
+        return list(payload) if self.download == "all" else head_and_layers(payload, self.train_layers)
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ from hierfedlora.bandit import RUCB
 from hierfedlora.clock import transfer_time
 from hierfedlora.fleet import EDGE_AGGREGATOR, DeviceProfile
 from hierfedlora.grouping import group_devices, grouping_report, random_groups
-from hierfedlora.lora_state import State, layer_of, num_bytes
+from hierfedlora.lora_state import State, head_and_layers, num_bytes
 from hierfedlora.protocol import DevicePlan, Job, RoundContext, RoundReport, SetupInfo, TrainResult
 from hierfedlora.strategies.base import StrategyBase, weighted_loss
 
@@ -361,8 +361,7 @@ class Strategy(StrategyBase):
 
 def _trained_part(state: State, layers) -> State:
     """The head and the LoRA of `layers`: what a group reports to the PS."""
-    keep = set(layers)
-    return {key: v for key, v in state.items() if layer_of(key) is None or layer_of(key) in keep}
+    return {key: state[key] for key in head_and_layers(state, layers)}
 
 
 def plot_arms(rows: list[dict[str, Any]], path: str | Path, num_groups: int) -> None:
