@@ -1,4 +1,6 @@
-"""Export the server state as a PEFT LoRA adapter (+ classifier head) that PEFT loads (design.md §1.3).
+"""Export the server state as a PEFT LoRA adapter (+ classifier head) that PEFT loads (design.md §1.3):
+a SEQ_CLS adapter for classification, a CAUSAL_LM one (no head: the LM head stays the base model's)
+for instruction tuning.
 
 Per-layer ranks go through PEFT's `rank_pattern`; layers without LoRA (rank 0) are simply not
 targeted, by listing the full module names in `target_modules`. The head is saved through
@@ -12,20 +14,23 @@ from pathlib import Path
 
 import torch
 
-from hierfedlora.device.model import (find_layers, head_modules, head_parameters, load_base, load_tokenizer,
-                                      modules_to_save, quiet_peft, resolve_model_path)
+from hierfedlora.device.model import (find_layers, head_modules, head_parameters, is_causal_lm, load_base,
+                                      load_tokenizer, modules_to_save, quiet_peft, resolve_model_path, task_type)
 from hierfedlora.lora_state import State, lora_key
 
 
 def export_adapter(state: State, global_ranks: dict[int, int], model_name: str, target_modules: list[str],
-                   alpha: float, label_names: list[str], out_dir: str | Path, seed: int = 0) -> Path:
-    from peft import LoraConfig, TaskType, get_peft_model
+                   alpha: float, label_names: list[str], out_dir: str | Path, seed: int = 0,
+                   task: str = "classification") -> Path:
+    """`target_modules`: the module names inside a layer that carry LoRA (`LocalModel.target_modules`)."""
+    from peft import LoraConfig, get_peft_model
 
     out = Path(out_dir)
     tok = load_tokenizer(model_name)
-    base = load_base(model_name, len(label_names), tok, seed)
-    base.config.id2label = dict(enumerate(label_names))
-    base.config.label2id = {n: i for i, n in enumerate(label_names)}
+    base = load_base(model_name, len(label_names), tok, seed, task=task)
+    if task != "instruction":
+        base.config.id2label = dict(enumerate(label_names))
+        base.config.label2id = {n: i for i, n in enumerate(label_names)}
     layer_path, layers = find_layers(base)
     full_names, rank_pattern = [], {}
     for l, R in sorted(global_ranks.items()):
@@ -39,7 +44,7 @@ def export_adapter(state: State, global_ranks: dict[int, int], model_name: str, 
     if not full_names:
         raise ValueError("the server state has no LoRA layer to export")
     heads = head_modules(base)
-    cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=max(rank_pattern.values()), lora_alpha=alpha,
+    cfg = LoraConfig(task_type=task_type(is_causal_lm(base)), r=max(rank_pattern.values()), lora_alpha=alpha,
                      target_modules=full_names, rank_pattern=rank_pattern, modules_to_save=modules_to_save(heads))
     with quiet_peft():
         pm = get_peft_model(base, cfg)
@@ -57,7 +62,7 @@ def export_adapter(state: State, global_ranks: dict[int, int], model_name: str, 
     tok.save_pretrained(out)
     (out / "hierfedlora.json").write_text(json.dumps(
         {"base_model": model_name, "base_model_path": resolve_model_path(model_name), "label_names": label_names,
-         "seed": seed}, indent=2))  # the seed rebuilds the base of the randomly initialised test models
+         "seed": seed, "task": task}, indent=2))  # the seed rebuilds the base of the randomly initialised test models
     return out
 
 
@@ -68,7 +73,8 @@ def load_adapter(adapter_dir: str | Path):
     d = Path(adapter_dir)
     meta = json.loads((d / "hierfedlora.json").read_text())
     tok = load_tokenizer(meta["base_model"])
-    base = load_base(meta["base_model"], len(meta["label_names"]), tok, meta.get("seed", 0))
+    base = load_base(meta["base_model"], len(meta["label_names"]), tok, meta.get("seed", 0),
+                     task=meta.get("task", "classification"))
     with quiet_peft():
         model = PeftModel.from_pretrained(base, d)
     model.eval()

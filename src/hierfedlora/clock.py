@@ -22,6 +22,11 @@ class ModelCost:
     intermediate: int
     mlp_matrices: int = 2  # 3 for gated (Llama-style) MLPs
     kv_fraction: float = 1.0  # key/value width over hidden (grouped-query attention)
+    lm_head: int = 0  # a causal LM's vocabulary (its LM head's rows); 0 for a classifier
+
+    def head_flops(self, tokens: int) -> float:
+        """Forward FLOPs of the LM head at `tokens` positions: 2·V·h each."""
+        return 2.0 * self.lm_head * self.hidden * tokens
 
     def layer_fwd_flops(self, seq_len: int) -> float:
         """Forward FLOPs of one layer for one sequence of `seq_len` tokens.
@@ -33,10 +38,14 @@ class ModelCost:
         return 2.0 * n * proj + 4.0 * n * n * h
 
 
-def step_flops(cost: ModelCost, seq_lens: list[int], num_layers: int, trained_layers: int, backward_ratio: float) -> float:
-    """FLOPs of one local step: forward through all layers + backward through the trained ones."""
+def step_flops(cost: ModelCost, seq_lens: list[int], num_layers: int, trained_layers: int, backward_ratio: float,
+               head_tokens: int = 0) -> float:
+    """FLOPs of one local step: forward through all layers + backward through the trained ones; for
+    a causal LM also its LM head at the `head_tokens` positions where the loss is computed, forward
+    and backward (the gradient flows through the frozen head into the trained layers)."""
     per_layer = sum(cost.layer_fwd_flops(n) for n in seq_lens)
-    return per_layer * (num_layers + backward_ratio * trained_layers)
+    head = cost.head_flops(head_tokens) * (1 + backward_ratio) if trained_layers else 0.0
+    return per_layer * (num_layers + backward_ratio * trained_layers) + head
 
 
 def compute_time(flops: float, profile: DeviceProfile) -> float:

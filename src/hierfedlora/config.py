@@ -30,18 +30,34 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name: str = Field("minilm", description="Registry name (minilm; smollm2, a Llama-style decoder; tiny-bert, tiny-llama for tests), a local folder, or a hub model id.")
-    target_modules: list[str] = Field(["query", "value"], description="Linear modules inside each layer that get LoRA.")
+    name: str = Field("minilm", description="Registry name (minilm; smollm2, SmolLM2-135M-Instruct, a 30-layer Llama decoder; tiny-bert, tiny-llama for tests), a local folder, or a hub model id.")
+    target_modules: list[str] | None = Field(None, description="Linear modules inside each layer that get LoRA (unset: PEFT's default for the architecture, e.g. query/value for BERT, q_proj/v_proj for Llama).")
     rank: int = Field(8, ge=1, description="LoRA rank r (methods with per-device ranks treat it as the maximum).")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha/r.")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input (trained layers only).")
     max_length: int = Field(64, ge=8, description="Tokens kept per example.")
 
 
+class TaskConfig(_Section):
+    kind: Literal["classification", "instruction"] = Field(
+        "classification", description="classification: a sequence classifier with a fresh head; instruction: causal-LM "
+        "instruction tuning of a decoder (loss on the response tokens only, the model's chat template).")
+    answers: Literal["auto", "classes", "open"] = Field(
+        "auto", description="instruction: whether responses are classes (scored by answer log-likelihood and exact "
+        "match; partitioned by answer) or open text (ROUGE-L; partitioned by prompt cluster). auto: classes when at "
+        "most 32 distinct responses cover the data.")
+    max_new_tokens: int = Field(24, ge=1, description="instruction: tokens generated per test prompt (greedy).")
+    clusters: int = Field(8, ge=2, description="instruction, open answers: k-means clusters of prompt embeddings that "
+                          "stand in for classes in partitions and grouping.")
+
+
 class DataConfig(_Section):
-    name: str = Field("rotten_tomatoes", description="rotten_tomatoes, health_tweets, trec, or a .csv/.jsonl/.parquet path.")
+    name: str = Field("rotten_tomatoes", description="rotten_tomatoes, health_tweets, trec, moviedialog (instruction only), or a .csv/.jsonl/.parquet path.")
     text_column: str = Field("text", description="Text column of a user data file.")
     label_column: str = Field("label", description="Label column of a user data file (strings or integers).")
+    prompt_column: str = Field("instruction", description="instruction: prompt column of a user file ('prompt' is found too).")
+    input_column: str = Field("input", description="instruction: optional input column appended to the prompt.")
+    response_column: str = Field("output", description="instruction: response column of a user file ('response' is found too).")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Stratified, seeded test split.")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="Held out of train for server-side validation (bandit rewards).")
     max_examples: int | None = Field(None, ge=10, description="Seeded stratified subsample of the whole data set.")
@@ -95,12 +111,13 @@ class RunConfig(_Section):
     rounds: int = Field(12, ge=1, description="Global rounds.")
     eval_every: int = Field(2, ge=1, description="Evaluate on the test split every N rounds (and after the last).")
     checkpoint_every: int = Field(2, ge=1, description="Write checkpoint.pt every N rounds.")
-    target_acc: float | None = Field(None, gt=0, le=1, description="Report simulated time/traffic to this test accuracy.")
+    target_acc: float | None = Field(None, gt=0, le=1, description="Report simulated time/traffic to this test score (accuracy; ROUGE-L for open answers).")
     progress: bool = Field(True, description="Show a progress bar.")
 
 
 class ExperimentConfig(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)

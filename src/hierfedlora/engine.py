@@ -23,9 +23,12 @@ import numpy as np
 import torch
 
 from hierfedlora import data as data_mod
+from hierfedlora import instruct
 from hierfedlora.clock import TrafficMeter, compute_time, transfer_time
 from hierfedlora.config import ExperimentConfig
+from hierfedlora.device import instruct_eval
 from hierfedlora.device.executor import LocalExecutor
+from hierfedlora.device.instruct_eval import EvalSet
 from hierfedlora.device.model import load_base, load_tokenizer, resolve_device
 from hierfedlora.device.train import FleetData
 from hierfedlora.fast.joined import JoinedExecutor
@@ -58,6 +61,11 @@ class Workload:
     test: np.ndarray
     parts: list[np.ndarray]  # per device: positions into ids/labels (subset of train)
     pad_id: int
+    # instruction tuning (None for classification): prompt length of each example, the reference
+    # responses, and the allowed answers' tokens where responses are classes (`instruct`)
+    prompt_lens: np.ndarray | None = None
+    responses: list[str] | None = None
+    answers: list[list[int]] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -65,30 +73,60 @@ class Workload:
 
     def fleet_data(self) -> FleetData:
         """Every device's data, as the executors read it."""
-        return FleetData(self.ids, self.labels, self.parts, self.pad_id)
+        return FleetData(self.ids, self.labels, self.parts, self.pad_id, self.prompt_lens)
 
 
-def build_workload(cfg: ExperimentConfig, tokenizer) -> Workload:
+def build_workload(cfg: ExperimentConfig, tokenizer, embedding: torch.Tensor | None = None) -> Workload:
+    """Tokens, splits and the device partition; for instruction tuning `embedding` is the frozen
+    model's input embedding table (open responses are partitioned by prompt cluster, `instruct`)."""
     d, s = cfg.data, cfg.run.seed
-    ds = data_mod.load_dataset(d.name, d.text_column, d.label_column, d.max_examples, seed=s)
-    train, val, test = data_mod.split_indices(ds.labels, d.test_fraction, d.val_fraction, s)
+    extra: dict[str, Any] = {}
+    if cfg.task.kind == "instruction":
+        ds = instruct.load_instructions(d.name, answers=cfg.task.answers, prompt_column=d.prompt_column,
+                                        input_column=d.input_column, response_column=d.response_column,
+                                        max_examples=d.max_examples, seed=s)
+        ids, plens = instruct.encode(tokenizer, ds.prompts, ds.responses, cfg.model.max_length)
+        labels, names = ds.labels, ds.label_names
+        if ds.answers is None:
+            labels = instruct.cluster_ids(ids, plens, embedding, cfg.task.clusters, s)
+            names = [f"cluster{c}" for c in range(int(labels.max()) + 1)]
+        extra = {"prompt_lens": plens, "responses": ds.responses,
+                 "answers": instruct.encode_answers(tokenizer, ds.answers) if ds.answers is not None else None}
+    else:
+        ds = data_mod.load_dataset(d.name, d.text_column, d.label_column, d.max_examples, seed=s)
+        labels, names = ds.labels, ds.label_names
+    train, val, test = data_mod.split_indices(labels, d.test_fraction, d.val_fraction, s)
     if d.max_test_examples is not None and len(test) > d.max_test_examples:
-        keep, _, _ = data_mod.split_indices(ds.labels[test], 1 - d.max_test_examples / len(test), 0.0, s)
+        keep, _, _ = data_mod.split_indices(labels[test], 1 - d.max_test_examples / len(test), 0.0, s)
         test = np.sort(test[keep])
-    ids = data_mod.tokenize(ds.texts, tokenizer, cfg.model.max_length, d.cache_dir, cache_key=f"{ds.name}:{cfg.model.name}")
+    if cfg.task.kind != "instruction":
+        ids = data_mod.tokenize(ds.texts, tokenizer, cfg.model.max_length, d.cache_dir, cache_key=f"{ds.name}:{cfg.model.name}")
     p = cfg.partition
-    local = partition(ds.labels[train], cfg.fleet.num_devices, p.kind, p.alpha, p.classes_per_device, p.min_partition_size, s)
+    local = partition(labels[train], cfg.fleet.num_devices, p.kind, p.alpha, p.classes_per_device, p.min_partition_size, s)
     parts = [np.sort(train[idx]) for idx in local]
     empty = [i for i, q in enumerate(parts) if len(q) == 0]
     if empty:
         raise ValueError(f"devices {empty} received no data; lower fleet.num_devices or use a milder partition.")
-    return Workload(ds.label_names, ids, ds.labels, train, val, test, parts, tokenizer.pad_token_id)
+    return Workload(names, ids, labels, train, val, test, parts, tokenizer.pad_token_id, **extra)
 
 
 def _length_sorted_batches(w: Workload, positions: np.ndarray, batch_size: int) -> list[dict[str, torch.Tensor]]:
     order = sorted(positions.tolist(), key=lambda i: len(w.ids[i]))
+    chunks = [np.array(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+    if w.prompt_lens is not None:
+        return [{**instruct.collate([w.ids[i] for i in c], w.prompt_lens[c], w.pad_id), "index": torch.as_tensor(c)}
+                for c in chunks]
     return [{**data_mod.collate([w.ids[i] for i in chunk], w.labels[chunk], w.pad_id), "index": torch.as_tensor(chunk)}
-            for chunk in (np.array(order[i:i + batch_size]) for i in range(0, len(order), batch_size))]
+            for chunk in chunks]
+
+
+def _eval_set(w: Workload, positions: np.ndarray, tokenizer, cfg: ExperimentConfig) -> EvalSet:
+    """What an instruction-tuning evaluation scores on these examples (`device.instruct_eval`)."""
+    order = np.array(sorted(positions.tolist(), key=lambda i: len(w.ids[i])), dtype=np.int64)
+    return EvalSet(batches=_length_sorted_batches(w, order, cfg.train.eval_batch_size),
+                   prompts=[w.ids[i][:w.prompt_lens[i]] for i in order], references=[w.responses[i] for i in order],
+                   labels=w.labels[order], answers=w.answers, tokenizer=tokenizer,
+                   max_new_tokens=cfg.task.max_new_tokens, batch_size=cfg.train.eval_batch_size)
 
 
 def config_fingerprint(cfg: ExperimentConfig) -> str:
@@ -131,9 +169,14 @@ class Simulation:
             torch.set_num_threads(cfg.train.threads)
         seed = cfg.run.seed
         self.tokenizer = load_tokenizer(cfg.model.name)
-        self.work = build_workload(cfg, self.tokenizer)
+        self.instruction = cfg.task.kind == "instruction"
+        if self.instruction:  # the causal LM first: open responses are clustered by its embeddings
+            base = load_base(cfg.model.name, 0, self.tokenizer, seed, task="instruction")
+            self.work = build_workload(cfg, self.tokenizer, base.get_input_embeddings().weight.detach())
+        else:
+            self.work = build_workload(cfg, self.tokenizer)
+            base = load_base(cfg.model.name, self.work.num_classes, self.tokenizer, seed)
         self.base_profiles = build_fleet(cfg.fleet.name, cfg.fleet.num_devices, seed)
-        base = load_base(cfg.model.name, self.work.num_classes, self.tokenizer, seed)
         self.model = FastModel(base, cfg.model.target_modules, cfg.model.rank, cfg.model.alpha, cfg.model.lora_dropout,
                                seed, resolve_device(cfg.train.device))
         w = self.work
@@ -152,6 +195,8 @@ class Simulation:
             backward_ratio=cfg.fleet.backward_ratio,
             aggregator=cfg.fleet.aggregator,
             seed=seed,
+            mean_response_len=([float(np.mean([len(w.ids[i]) - w.prompt_lens[i] for i in p])) for p in w.parts]
+                               if w.prompt_lens is not None else None),
         )
         entry = get_strategy(cfg.method.get("name", "fedlora"))
         self.method = entry.name
@@ -159,8 +204,14 @@ class Simulation:
         self.global_ranks = dict(self.strategy.global_ranks())
         self.state: State = self.model.init_state(self.global_ranks)
         self.cached_layers = self._enable_prefix_cache()
-        self.test_batches = _length_sorted_batches(w, w.test, cfg.train.eval_batch_size)
-        self.val_batches = _length_sorted_batches(w, w.val, cfg.train.eval_batch_size) if len(w.val) else []
+        if self.instruction:
+            self.test_batches = _eval_set(w, w.test, self.tokenizer, cfg)
+            self.val_batches = _eval_set(w, w.val, self.tokenizer, cfg) if len(w.val) else []
+            self.score_key = "test_" + self.test_batches.score
+        else:
+            self.test_batches = _length_sorted_batches(w, w.test, cfg.train.eval_batch_size)
+            self.val_batches = _length_sorted_batches(w, w.val, cfg.train.eval_batch_size) if len(w.val) else []
+            self.score_key = "test_acc"
         self.meter = TrafficMeter()
         self.sim_time = 0.0
         self.round = 0
@@ -171,6 +222,8 @@ class Simulation:
         """In this process, or in worker processes (train.workers; see `fast.workers`)."""
         cfg = self.cfg
         n = cfg.train.workers or (os.cpu_count() or 1)
+        if self.instruction:  # no packed decoder forward yet: nothing for workers or lockstep to join
+            return LocalExecutor(self.model, self.work.fleet_data(), local_training(cfg))
         if n <= 1:
             return local_executor(self)
         if self.model.device.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
@@ -265,6 +318,10 @@ class Simulation:
 
     # -- the loop --------------------------------------------------------------------------
     def _eval_row(self) -> dict[str, float]:
+        if self.instruction:  # every metric of the generative evaluation, on this process's model
+            r = self.global_ranks
+            self.model.load(to_device(self.state, r, r), r, ())
+            return {f"test_{k}": v for k, v in instruct_eval.metrics(self.model, self.test_batches).items()}
         loss, acc = self.evaluate(self.state, self.test_batches)
         return {"test_acc": acc, "test_loss": loss}
 
@@ -311,18 +368,22 @@ class Simulation:
         return self.rows
 
     def summary(self) -> dict[str, Any]:
-        evals = [r for r in self.rows if "test_acc" in r]
-        s: dict[str, Any] = {
-            "method": self.method, "rounds": self.round,
-            "final_acc": evals[-1]["test_acc"] if evals else None,
-            "best_acc": max(r["test_acc"] for r in evals) if evals else None,
-            "sim_time_s": self.sim_time, "bytes_up": self.meter.bytes_up, "bytes_down": self.meter.bytes_down,
-            "bytes_total": self.meter.bytes_up + self.meter.bytes_down,
-        }
+        key = self.score_key
+        evals = [r for r in self.rows if key in r]
+        s: dict[str, Any] = {"method": self.method, "rounds": self.round}
+        if key == "test_acc":
+            s["final_acc"] = evals[-1]["test_acc"] if evals else None
+            s["best_acc"] = max(r["test_acc"] for r in evals) if evals else None
+        if self.instruction:  # the chosen score by name, and the base model's zero-shot score
+            s.update(score=key, final_score=evals[-1][key] if evals else None,
+                     best_score=max(r[key] for r in evals) if evals else None,
+                     zero_shot_score=self.rows[0].get(key) if self.rows else None)
+        s.update(sim_time_s=self.sim_time, bytes_up=self.meter.bytes_up, bytes_down=self.meter.bytes_down,
+                 bytes_total=self.meter.bytes_up + self.meter.bytes_down)
         target = self.cfg.run.target_acc
         if target is not None:
             s["target_acc"] = target
-            hit = next((r for r in evals if r["test_acc"] >= target), None)
+            hit = next((r for r in evals if r[key] >= target), None)
             s["time_to_target_s"] = hit["sim_time_s"] if hit else None
             s["bytes_to_target"] = (hit["bytes_up"] + hit["bytes_down"]) if hit else None
         return s

@@ -84,14 +84,16 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
                disable=not progress, dynamic_ncols=True)
     last_acc: list[float] = []
 
+    key = sim.score_key  # test accuracy, or ROUGE-L for open-ended instruction data
+
     def on_round(row: dict[str, Any]) -> None:
-        if "test_acc" in row:
-            last_acc[:] = [row["test_acc"]]
+        if key in row:
+            last_acc[:] = [row[key]]
         if row["round"] > 0:
             bar.update(1)
         post = {"sim": f"{row['sim_time_s'] / 60:.1f}min"}
         if last_acc:
-            post["acc"] = f"{100 * last_acc[0]:.1f}%"
+            post[key[5:]] = f"{100 * last_acc[0]:.1f}%"
         bar.set_postfix(post)
 
     try:
@@ -99,11 +101,11 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
     finally:
         bar.close()
         sim.executor.close()
-    plot_accuracy(sim.rows, out / "accuracy.png", title=f"{sim.method} on {cfg.data.name}")
+    plot_accuracy(sim.rows, out / "accuracy.png", title=f"{sim.method} on {cfg.data.name}", key=key)
     sim.strategy.write_outputs(out, sim.rows)
     if export:
-        export_adapter(sim.state, sim.global_ranks, cfg.model.name, cfg.model.target_modules, cfg.model.alpha,
-                       sim.work.label_names, out / "adapter", seed=cfg.run.seed)
+        export_adapter(sim.state, sim.global_ranks, cfg.model.name, sim.model.target_modules, cfg.model.alpha,
+                       sim.work.label_names, out / "adapter", seed=cfg.run.seed, task=cfg.task.kind)
     summary = sim.summary()
     summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
     # written last: summary.json marks a finished run (compare reuses such runs; one killed while

@@ -20,14 +20,17 @@ def time_axis(seconds: list[float]) -> tuple[list[float], str]:
     return list(seconds), "simulated time (s)"
 
 
-def plot_accuracy(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """Test accuracy vs. simulated time of one run."""
-    ev = [r for r in rows if "test_acc" in r]
+SCORE_LABELS = {"test_acc": "test accuracy (%)", "test_rougeL": "test ROUGE-L (%)"}
+
+
+def plot_accuracy(rows: list[dict[str, Any]], path: str | Path, title: str = "", key: str = "test_acc") -> None:
+    """Test accuracy (or the run's other score, `key`) vs. simulated time of one run."""
+    ev = [r for r in rows if key in r]
     x, label = time_axis([r["sim_time_s"] for r in ev])
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(x, [100 * r["test_acc"] for r in ev], marker="o", ms=3)
+    ax.plot(x, [100 * r[key] for r in ev], marker="o", ms=3)
     ax.set_xlabel(label)
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(SCORE_LABELS.get(key, key))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -131,6 +131,8 @@ class SetupInfo:
     backward_ratio: float
     aggregator: str  # "edge" or "ps"
     seed: int
+    mean_response_len: list[float] | None = None  # instruction tuning: tokens the loss counts per example
+
 
     @property
     def num_devices(self) -> int:
@@ -140,7 +142,8 @@ class SetupInfo:
         """Expected compute time of `steps` local steps training the top `trained_layers` layers."""
         n = max(1, round(self.mean_seq_len[device]))
         b = min(self.batch_size, max(1, self.num_examples[device]))
-        flops = step_flops(self.cost, [n] * b, self.layout.num_layers, trained_layers, self.backward_ratio)
+        head = round(self.mean_response_len[device]) * b if self.mean_response_len else 0
+        flops = step_flops(self.cost, [n] * b, self.layout.num_layers, trained_layers, self.backward_ratio, head)
         return compute_time(flops, profile or self.profiles[device]) * (steps or self.local_steps)
 
     def payload_bytes(self, ranks: dict[int, int], layers: list[int] | None = None) -> int:

@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hierfedlora.clock import ModelCost
@@ -37,6 +38,7 @@ TINY_MODELS = {"tiny-bert", "tiny-llama"}
 # classification heads by module name; PEFT's SEQ_CLS task saves these itself, others (DeBERTa's
 # pooler) must be named in `modules_to_save`
 HEAD_MODULES = ("classifier", "score")
+IGNORE_INDEX = -100  # label of a token no loss counts (prompt and padding of a causal-LM batch)
 
 
 def _offline() -> None:
@@ -54,6 +56,13 @@ def quiet_peft():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield
+
+
+def task_type(causal: bool):
+    """PEFT's task type of our two tasks."""
+    from peft import TaskType
+
+    return TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS
 
 
 def resolve_device(setting: str) -> str:
@@ -133,9 +142,16 @@ def load_tokenizer(name: str):
     return tok
 
 
-def _tiny_model(name: str, num_labels: int, vocab: int, pad_id: int) -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+def _tiny_model(name: str, num_labels: int, vocab: int, pad_id: int, task: str = "classification") -> nn.Module:
+    from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM,
+                              LlamaForSequenceClassification)
 
+    if task == "instruction":
+        if name != "tiny-llama":
+            raise ValueError(f"model '{name}' is an encoder; instruction tuning needs a decoder (e.g. tiny-llama, smollm2)")
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=pad_id, tie_word_embeddings=True)
+        return LlamaForCausalLM(cfg)
     if name == "tiny-bert":
         cfg = BertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                          num_attention_heads=4, max_position_embeddings=128, num_labels=num_labels, pad_token_id=pad_id)
@@ -145,22 +161,28 @@ def _tiny_model(name: str, num_labels: int, vocab: int, pad_id: int) -> nn.Modul
     return LlamaForSequenceClassification(cfg)
 
 
-def load_base(name: str, num_labels: int, tokenizer, seed: int = 0) -> nn.Module:
-    """The pretrained model with a fresh `num_labels`-way classification head (seeded)."""
+def load_base(name: str, num_labels: int, tokenizer, seed: int = 0, task: str = "classification") -> nn.Module:
+    """The pretrained model: with a fresh `num_labels`-way classification head (seeded), or, for
+    `task="instruction"`, the causal LM as it is (its own LM head, frozen)."""
     _offline()
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     torch.manual_seed(seed)
     if name in TINY_MODELS:
-        return _tiny_model(name, num_labels, len(tokenizer), tokenizer.pad_token_id)
+        return _tiny_model(name, num_labels, len(tokenizer), tokenizer.pad_token_id, task)
     path = resolve_model_path(name)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+            if task == "instruction":
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+    except ValueError as e:  # an encoder asked for as a causal LM, an unknown architecture
+        raise ValueError(f"model '{name}' ({path}) cannot be loaded for task '{task}': {str(e).splitlines()[0]}") from None
     except OSError as e:
         raise ValueError(
             f"could not load model '{name}' ({path}): {e}. Use a registry name ({', '.join(PACKAGED_MODELS)}), "
@@ -188,12 +210,26 @@ def model_cost(model: nn.Module) -> ModelCost:
     gated = getattr(c, "model_type", "") in {"llama", "mistral", "qwen2", "gemma", "phi3"}
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", None) or heads
-    return ModelCost(hidden=c.hidden_size, intermediate=c.intermediate_size, mlp_matrices=3 if gated else 2,
-                     kv_fraction=kv / heads)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    lm_head = model.get_output_embeddings() if is_causal_lm(model) else None
+    intermediate = getattr(c, "intermediate_size", None) or 4 * c.hidden_size  # GPT-2 leaves it unset
+    return ModelCost(hidden=c.hidden_size, intermediate=intermediate, mlp_matrices=3 if gated else 2,
+                     kv_fraction=kv * head_dim / c.hidden_size,
+                     lm_head=lm_head.weight.shape[0] if lm_head is not None else 0)
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether `model` is a causal LM (its LM head stays frozen: there is no fresh head to train)."""
+    from transformers import GenerationMixin
+
+    return isinstance(model, GenerationMixin) and model.get_output_embeddings() is not None
 
 
 def head_modules(model: nn.Module) -> list[str]:
-    """The modules that make up the freshly initialised head (trained and sent with every update)."""
+    """The modules that make up the freshly initialised head (trained and sent with every update);
+    none for a causal LM."""
+    if is_causal_lm(model):
+        return []
     names = [n for n in HEAD_MODULES if hasattr(model, n)]
     if getattr(model.config, "model_type", "").startswith("deberta") and hasattr(model, "pooler"):
         names.append("pooler")  # DeBERTa's pooler is part of its freshly initialised head
@@ -245,19 +281,22 @@ def state_of(factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], 
 class LocalModel:
     """A PEFT model that can take on any device's plan (see module docstring)."""
 
-    def __init__(self, base: nn.Module, target_modules: list[str], physical_rank: int, alpha: float,
+    def __init__(self, base: nn.Module, target_modules: list[str] | None, physical_rank: int, alpha: float,
                  lora_dropout: float = 0.0, seed: int = 0, device: str = "cpu"):
         _offline()
-        from peft import LoraConfig, TaskType, get_peft_model
+        from peft import LoraConfig, get_peft_model
         from peft.tuners.lora import LoraLayer
 
         self.alpha = alpha
         self.physical_rank = physical_rank
         self.cost = model_cost(base)
+        self.causal = is_causal_lm(base)
         heads = head_modules(base)
         layer_path, _ = find_layers(base)
-        cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=physical_rank, lora_alpha=alpha, lora_dropout=lora_dropout,
-                         target_modules=list(target_modules), modules_to_save=modules_to_save(heads))
+        # target_modules None: PEFT's default modules for the architecture
+        cfg = LoraConfig(task_type=task_type(self.causal), r=physical_rank, lora_alpha=alpha, lora_dropout=lora_dropout,
+                         target_modules=list(target_modules) if target_modules else None,
+                         modules_to_save=modules_to_save(heads))
         torch.manual_seed(seed)
         try:
             with quiet_peft():
@@ -265,6 +304,7 @@ class LocalModel:
         except ValueError as e:
             raise ValueError(f"LoRA target modules {target_modules} not found in {type(base).__name__}: {e}") from None
         inner = self.peft.base_model.model
+        self.target_modules = sorted({n.rsplit(".", 1)[-1] for n in self.peft.peft_config["default"].target_modules})
         self.layer_prefix = layer_path + "."
         self.lora: dict[tuple[int, str], nn.Module] = {}
         modules: dict[str, tuple[int, int]] = {}
@@ -348,3 +388,28 @@ class LocalModel:
         """Class logits of a right-padded batch, by the plain transformers forward."""
         dev = self.device
         return self.peft(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
+
+    def hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A causal LM's last hidden states [batch, tokens, hidden] (before its LM head)."""
+        dev = self.device
+        body = self.peft.base_model.model.base_model  # transformers' decoder stack without the LM head
+        return body(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).last_hidden_state
+
+    def token_logprobs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probability of each counted next token, its example's row) of a causal-LM batch
+        whose `labels` mark the counted tokens (`instruct.collate`). The LM head runs only at the
+        positions that predict a counted token: on SmolLM2 its 49k-word projection costs as much
+        per position as ~8 decoder layers, and most positions are prompt."""
+        labels = batch["labels"].to(self.device)
+        target = labels[:, 1:]
+        where = target != IGNORE_INDEX
+        h = self.hidden(batch)[:, :-1][where]
+        logp = torch.log_softmax(self.peft.base_model.model.get_output_embeddings()(h).float(), dim=-1)
+        return logp.gather(1, target[where][:, None])[:, 0], where.nonzero()[:, 0]
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of a batch: cross-entropy of the class logits, or for a causal LM the
+        mean next-token cross-entropy over the response tokens (prompt and padding masked)."""
+        if self.causal:
+            return -self.token_logprobs(batch)[0].mean()
+        return F.cross_entropy(self.logits(batch), batch["labels"].to(self.device))

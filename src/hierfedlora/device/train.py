@@ -12,8 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hierfedlora import instruct
 from hierfedlora.clock import step_flops
 from hierfedlora.data import collate
+from hierfedlora.device import instruct_eval
 from hierfedlora.device.model import LocalModel
 from hierfedlora.lora_state import State
 from hierfedlora.protocol import DeviceJob, DevicePlan, JobOutput, LocalTraining
@@ -21,12 +23,14 @@ from hierfedlora.protocol import DeviceJob, DevicePlan, JobOutput, LocalTraining
 
 @dataclass
 class DeviceData:
-    """What a device holds: token ids and labels (indexed by `positions`) and the pad id."""
+    """What a device holds: token ids and labels (indexed by `positions`) and the pad id; for
+    instruction tuning also each example's prompt length (the loss counts the tokens after it)."""
 
     ids: list[np.ndarray]
     labels: np.ndarray
     positions: np.ndarray
     pad_id: int
+    prompt_lens: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -38,9 +42,10 @@ class FleetData:
     labels: np.ndarray
     parts: list[np.ndarray]
     pad_id: int
+    prompt_lens: np.ndarray | None = None
 
     def device(self, d: int) -> DeviceData:
-        return DeviceData(self.ids, self.labels, self.parts[d], self.pad_id)
+        return DeviceData(self.ids, self.labels, self.parts[d], self.pad_id, self.prompt_lens)
 
 
 def sample_batches(positions: np.ndarray, steps: int, batch_size: int, seed: tuple[int, ...]) -> list[np.ndarray]:
@@ -62,8 +67,13 @@ def torch_seed(seed: tuple[int, ...]) -> int:
     return int(np.random.SeedSequence(list(seed)).generate_state(1)[0])
 
 
-def make_batches(ids: list[np.ndarray], labels: np.ndarray, picks: list[np.ndarray], pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """Padded batches; `index` names each example (its position in `ids`) for the prefix cache."""
+def make_batches(ids: list[np.ndarray], labels: np.ndarray, picks: list[np.ndarray], pad_id: int,
+                 prompt_lens: np.ndarray | None = None) -> list[dict[str, torch.Tensor]]:
+    """Padded batches; `index` names each example (its position in `ids`) for the prefix cache.
+    With `prompt_lens` (instruction tuning) `labels` are the response tokens (`instruct.collate`)."""
+    if prompt_lens is not None:
+        return [{**instruct.collate([ids[i] for i in p], prompt_lens[p], pad_id), "index": torch.as_tensor(p)}
+                for p in picks]
     return [{**collate([ids[i] for i in p], labels[p], pad_id), "index": torch.as_tensor(p)} for p in picks]
 
 
@@ -80,7 +90,7 @@ def local_train(model: LocalModel, payload: State, plan: DevicePlan, batches: li
     torch.manual_seed(seed)
     total = 0.0
     for batch in batches:
-        loss = F.cross_entropy(model.logits(batch), batch["labels"].to(model.device))
+        loss = model.loss(batch)
         total += float(loss.detach())
         for name, value in plan.options.items():
             if name in settings.regularisers:
@@ -97,9 +107,16 @@ def job_inputs(model: LocalModel, data: DeviceData, job: DeviceJob, rnd: int,
     plan, seed = job.plan, settings.seed
     picks = job_picks(data.positions, plan, seed=seed, rnd=rnd, call=job.call, batch_size=settings.batch_size)
     flops = sum(step_flops(model.cost, [len(data.ids[i]) for i in p], model.num_layers, len(plan.train_layers),
-                           settings.backward_ratio) for p in picks)
-    return (make_batches(data.ids, data.labels, picks, data.pad_id), torch_seed((seed, 5005, rnd, plan.device, job.call)),
-            flops)
+                           settings.backward_ratio, response_tokens(data, p)) for p in picks)
+    return (make_batches(data.ids, data.labels, picks, data.pad_id, data.prompt_lens),
+            torch_seed((seed, 5005, rnd, plan.device, job.call)), flops)
+
+
+def response_tokens(data: DeviceData, positions: np.ndarray) -> int:
+    """Positions where a causal LM's loss is computed for these examples (0 for classification)."""
+    if data.prompt_lens is None:
+        return 0
+    return int(sum(len(data.ids[i]) - data.prompt_lens[i] for i in positions))
 
 
 def run_job(model: LocalModel, data: DeviceData, job: DeviceJob, rnd: int, settings: LocalTraining) -> JobOutput:
@@ -136,6 +153,10 @@ def combine_scores(scores: list[tuple[float, int, int]]) -> tuple[float, float]:
     return loss_sum / n, correct / n
 
 
-def evaluate(model: LocalModel, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of the currently loaded model over pre-collated batches."""
+def evaluate(model: LocalModel, batches: "list[dict[str, torch.Tensor]] | instruct_eval.EvalSet") -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of the currently loaded model over pre-collated batches; for
+    an instruction `EvalSet` (mean response-token cross-entropy, its chosen score)."""
+    if isinstance(batches, instruct_eval.EvalSet):
+        m = instruct_eval.metrics(model, batches)
+        return m["loss"], m[batches.score]
     return combine_scores(batch_scores(model, batches))
