@@ -70,3 +70,34 @@ def adapter_accuracy():
         return correct / n
 
     return accuracy
+
+
+def write_instructions(path: Path, n: int = 300, seed: int = 0) -> Path:
+    """The synthetic task in instruction form: a question over the words, answered positive/negative."""
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["instruction", "input", "output"])
+        for i in range(n):
+            lab = i % 2
+            words = rng.choices(NOISE, k=5) + rng.choices(POS if lab == 0 else NEG, k=2)
+            rng.shuffle(words)
+            w.writerow(["Is this text positive or negative?", " ".join(words), "positive" if lab == 0 else "negative"])
+    return path
+
+
+@pytest.fixture(scope="session")
+def instruct_csv(tmp_path_factory) -> Path:
+    return write_instructions(tmp_path_factory.mktemp("idata") / "inst.csv")
+
+
+@pytest.fixture
+def tiny_llm_cfg(instruct_csv, tiny_cfg):
+    """Factory: `tiny_cfg` as causal-LM instruction tuning of tiny-llama on `instruct_csv`."""
+
+    def make(**overrides):
+        base = {"task.kind": "instruction", "model.name": "tiny-llama", "data.name": str(instruct_csv),
+                "model.max_length": 48, "task.max_new_tokens": 4, "train.eval_batch_size": 16}
+        return tiny_cfg(**{**base, **overrides})
+
+    return make
