@@ -239,6 +239,8 @@ class Simulation:
         lowest = self.strategy.lowest_trainable_layer()
         if not cfg.train.prefix_cache or lowest <= 0:
             return 0
+        if self.instruction:
+            return lowest if self.model.enable_decoder_prefix(lowest, cfg.train.cache_memory_mb) else 0
         rows = sum(len(w.ids[i]) for part in (w.train, w.val, w.test) for i in part)
         spill = self.out if self.out and self.out.is_dir() else None
         cache = PrefixCache(self.model.cost.hidden, rows, cfg.train.cache_memory_mb, spill)

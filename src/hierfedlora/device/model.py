@@ -393,7 +393,8 @@ class LocalModel:
         """A causal LM's last hidden states [batch, tokens, hidden] (before its LM head)."""
         dev = self.device
         body = self.peft.base_model.model.base_model  # transformers' decoder stack without the LM head
-        return body(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).last_hidden_state
+        return body(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                    use_cache=False).last_hidden_state
 
     def token_logprobs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probability of each counted next token, its example's row) of a causal-LM batch

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from hierfedlora.device.model import LocalModel
-from hierfedlora.fast import packed
+from hierfedlora.fast import decoder_prefix, packed
+from hierfedlora.fast.decoder_prefix import DecoderPrefix
 from hierfedlora.fast.prefix_cache import Fit, FrozenPrefix, PrefixCache
 from hierfedlora.lora_state import State
 
@@ -41,6 +42,7 @@ class FastModel(LocalModel):
         self.packed = packed.PackedEncoder(inner) if use_packed else None
         self.dropout_width = dropout_width
         self.prefix: FrozenPrefix | None = None  # see enable_prefix_cache
+        self.decoder_prefix: DecoderPrefix | None = None  # see enable_decoder_prefix
         self._prefix_on = False  # whether the loaded plan reads the cache
         self._dropped_seconds = 0.0  # prefix_seconds of a cache the run voided
         self._warned: set[str] = set()
@@ -56,14 +58,27 @@ class FastModel(LocalModel):
         self.prefix = FrozenPrefix(self.packed, store, cached_layers, self.device)
         return True
 
+    def enable_decoder_prefix(self, cached_layers: int, memory_mb: int) -> bool:
+        """The frozen-prefix cache of a causal LM (`decoder_prefix`); False where the architecture
+        has none or there is nothing to skip."""
+        inner = self.peft.base_model.model
+        if not self.causal or not decoder_prefix.supported(inner) or not 0 < cached_layers < self.num_layers:
+            return False
+        self.decoder_prefix = DecoderPrefix(inner.base_model, cached_layers, memory_mb)
+        return True
+
     @property
     def cached_layers(self) -> int:
         """Layers read from the prefix cache (0 without one)."""
+        if self.decoder_prefix is not None:
+            return self.decoder_prefix.cached_layers
         return self.prefix.cached_layers if self.prefix is not None else 0
 
     @property
     def prefix_seconds(self) -> float:
         """Time spent filling the cache so far (worker scheduling reads it)."""
+        if self.decoder_prefix is not None:
+            return self.decoder_prefix.seconds
         return self._dropped_seconds + (self.prefix.seconds if self.prefix is not None else 0.0)
 
     def _cache_serves(self, payload: State, ranks: dict[int, int], trained: set[int]) -> bool:
@@ -110,6 +125,11 @@ class FastModel(LocalModel):
     @torch.no_grad()
     def load(self, payload: State, ranks: dict[int, int], train_layers: tuple[int, ...] | list[int] = (), train_head: bool = True) -> None:
         super().load(payload, ranks, train_layers, train_head)
+        if self.decoder_prefix is not None:
+            dp = self.decoder_prefix
+            self._prefix_on = (not train_layers or min(train_layers) >= dp.cached_layers) and dp.serves(
+                payload, ranks, list(self.layout.modules))
+            return
         self._prefix_on = self._cache_serves(payload, ranks, set(train_layers))
 
     def also_serve(self, payload: State, ranks: dict[int, int], train_layers: tuple[int, ...] | list[int]) -> None:
@@ -121,7 +141,18 @@ class FastModel(LocalModel):
     def prepare(self, batches: list[dict[str, torch.Tensor]]) -> None:
         """Fill the cache with every example of the job's batches not in it yet (see `FrozenPrefix.warm`)."""
         if self._prefix_on and batches and all("index" in b for b in batches):
+            if self.decoder_prefix is not None:
+                self.decoder_prefix.warm(batches, self.device)
+                return
             self.prefix.warm(batches)
+
+    def hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A causal LM's last hidden states, the layers below the cache read from it where the
+        loaded plan allows and the batch's examples are cached (same numbers)."""
+        dp = self.decoder_prefix
+        if dp is not None and self._prefix_on and dp.covers(batch):
+            return dp.hidden(batch, self.device)
+        return super().hidden(batch)
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Class logits of a right-padded batch: packed where possible, with layers below the cache
