@@ -66,6 +66,25 @@ def test_causal_lm_run_learns_and_its_adapter_generates_the_same(tiny_llm_cfg, t
         assert (got[:got.index(eot)] if eot in got else got) == want
 
 
+def test_generate_command(tiny_llm_cfg, tiny_cfg, tmp_path, capsys):
+    cfg = tiny_llm_cfg(**{"run.rounds": 1})
+    run_experiment(cfg, tmp_path / "r", progress=False)
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "r"), "--prompt", "Is this text positive or negative?\n\ngood film",
+                 "--max-new-tokens", "3"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    model, tok, _ = load_adapter(tmp_path / "r" / "adapter")
+    ids = tok(instruct.prompt_text(tok, "Is this text positive or negative?\n\ngood film"), add_special_tokens=False,
+              return_tensors="pt")["input_ids"]
+    want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                          eos_token_id=instruct.end_of_turn(tok), pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+    assert printed == [tok.decode(want, skip_special_tokens=True).strip()]
+    run_experiment(tiny_cfg(**{"run.rounds": 1}), tmp_path / "c", progress=False)
+    assert main(["generate", str(tmp_path / "c"), "--prompt", "hi"]) == 2
+    assert "is a classifier" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "nothing")]) == 2
+
+
 def test_causal_lm_resume_equals_uninterrupted(tiny_llm_cfg, tmp_path):
     cfg = tiny_llm_cfg(**{"run.rounds": 3, "run.eval_every": 1, "run.checkpoint_every": 1})
     run_experiment(cfg, tmp_path / "a", progress=False, export=False)
@@ -98,3 +117,22 @@ def test_open_answers_are_clustered_and_scored_by_rouge(tmp_path, tiny_llm_cfg):
     row = sim.run()[-1]
     assert 0.0 <= row["test_rougeL"] <= 1.0 and "test_acc" not in row
     assert sim.summary()["score"] == "test_rougeL"
+
+
+def test_a_local_gpt2_folder_works_with_peft_default_targets(tiny_llm_cfg, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hierfedlora.device.model import load_tokenizer
+
+    tok = load_tokenizer("tiny-llama")  # MiniLM's tokenizer, saved beside the model
+    folder = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=3, n_head=4, n_positions=128)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    cfg = tiny_llm_cfg(**{"model.name": str(folder), "run.rounds": 1, "run.eval_every": 1})
+    run_experiment(cfg, tmp_path / "r", progress=False)
+    conf = json.loads((tmp_path / "r" / "adapter" / "adapter_config.json").read_text())
+    assert conf["task_type"] == "CAUSAL_LM" and all(m.endswith("attn.c_attn") for m in conf["target_modules"])
+    assert len(conf["target_modules"]) == 3  # PEFT's GPT-2 default, in each of the 3 blocks
+    model, _, _ = load_adapter(tmp_path / "r" / "adapter")
+    assert model.can_generate()

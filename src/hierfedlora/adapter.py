@@ -24,6 +24,7 @@ def export_adapter(state: State, global_ranks: dict[int, int], model_name: str, 
                    task: str = "classification") -> Path:
     """`target_modules`: the module names inside a layer that carry LoRA (`LocalModel.target_modules`)."""
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D  # GPT-2's projections
 
     out = Path(out_dir)
     tok = load_tokenizer(model_name)
@@ -37,7 +38,7 @@ def export_adapter(state: State, global_ranks: dict[int, int], model_name: str, 
         if R <= 0:
             continue
         for name, mod in layers[l].named_modules():
-            if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in target_modules:
+            if name.split(".")[-1] in target_modules and isinstance(mod, (torch.nn.Linear, Conv1D)):
                 full = f"{layer_path}.{l}.{name}"
                 full_names.append(full)
                 rank_pattern[full] = R

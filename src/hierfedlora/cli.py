@@ -1,4 +1,5 @@
-"""Command line: `hierfedlora run [CONFIG.toml] [--set key=value ...] [--out DIR]`, `--resume DIR`."""
+"""Command line: `hierfedlora run [CONFIG.toml] [--set key=value ...] [--out DIR]`, `--resume DIR`,
+`compare`, `report`, `flower`, and `generate RUN_DIR` to try an instruction-tuned adapter."""
 
 from __future__ import annotations
 
@@ -51,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--target", type=float, help="target accuracy (default: 95%% of FedLoRA's final accuracy)")
     rp.set_defaults(func=cmd_report)
 
+    g = sub.add_parser("generate", help="try an instruction-tuned run's adapter: answer prompts with it")
+    g.add_argument("run_dir", help="a run directory (its adapter/) or an adapter directory")
+    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); none: read prompts from stdin, one per line")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per answer (greedy)")
+    g.set_defaults(func=cmd_generate)
+
     from hierfedlora.flower import command as flower_command
 
     f = sub.add_parser("flower", help="run one experiment across Flower SuperNodes on this machine (docs/flower.md)")
@@ -82,6 +89,38 @@ def cmd_report(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = write_report(runs, out, args.target)
     print(report.read_text())
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from hierfedlora import instruct
+    from hierfedlora.adapter import load_adapter
+
+    d = Path(args.run_dir)
+    d = d / "adapter" if (d / "adapter" / "hierfedlora.json").is_file() else d
+    if not (d / "hierfedlora.json").is_file():
+        raise ValueError(f"'{args.run_dir}' holds no exported adapter (no adapter/hierfedlora.json); give a finished "
+                         "run directory or its adapter/ folder.")
+    model, tok, _ = load_adapter(d)
+    if not getattr(model, "can_generate", lambda: False)() or model.get_output_embeddings() is None:
+        raise ValueError(f"the adapter in '{d}' is a classifier, not an instruction-tuned causal LM (task.kind = "
+                         "\"instruction\"); there is nothing to generate.")
+    eot = instruct.end_of_turn(tok)
+    prompts = args.prompt or None
+    interactive = prompts is None
+    if interactive:
+        print("prompt (one per line, Ctrl-D ends):", file=sys.stderr)
+    for prompt in prompts or sys.stdin:
+        prompt = prompt.strip()
+        if not prompt:
+            continue
+        ids = tok(instruct.prompt_text(tok, prompt), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                                 do_sample=False, eos_token_id=eot, pad_token_id=tok.pad_token_id)
+        print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return 0
 
 

@@ -23,6 +23,8 @@ class ModelCost:
     mlp_matrices: int = 2  # 3 for gated (Llama-style) MLPs
     kv_fraction: float = 1.0  # key/value width over hidden (grouped-query attention)
     lm_head: int = 0  # a causal LM's vocabulary (its LM head's rows); 0 for a classifier
+    heads: int = 1  # attention heads (the attention matrices kept for backward)
+    frozen_bytes: int = 0  # the base model's weights at their dtype (every device holds them all)
 
     def head_flops(self, tokens: int) -> float:
         """Forward FLOPs of the LM head at `tokens` positions: 2·V·h each."""
@@ -81,3 +83,21 @@ class TrafficMeter:
 
     def load_state_dict(self, d: dict) -> None:
         self.up, self.down = dict(d["up"]), dict(d["down"])
+
+
+def train_memory_bytes(cost: ModelCost, lora_params: int, trained_params: int, trained_layers: int, batch: int,
+                       seq_len: int, head_tokens: int = 0) -> float:
+    """Estimated peak training memory of one device's plan, in bytes (design.md §4.2):
+
+    frozen weights at their dtype + LoRA parameters applied (fp32) + for the trained ones their
+    gradient and AdamW's two moments (3 × fp32) + activations kept for backward in the trained
+    layers, s·b·(34·h + 5·a·s) bytes a layer at 16 bits (Korthikanti et al., 2022, "Reducing
+    Activation Recomputation in Large Transformer Models"), doubled at 32 bits + a causal LM's
+    logits and their gradient at the loss positions (2 × V × fp32 each). Layers below the lowest
+    trained one run without gradients and keep nothing. An estimate: allocator slack and framework
+    overhead are not counted.
+    """
+    weights = cost.frozen_bytes + 4 * lora_params + 12 * trained_params
+    acts = trained_layers * 2 * seq_len * batch * (34 * cost.hidden + 5 * cost.heads * seq_len)
+    logits = 8 * cost.lm_head * head_tokens
+    return float(weights + acts + logits)

@@ -41,12 +41,21 @@ class Run:
     summary: dict[str, Any]
 
     @property
+    def key(self) -> str:
+        """The run's score: test accuracy, or ROUGE-L for open-ended instruction data."""
+        return self.summary.get("score", "test_acc")
+
+    @property
+    def final(self) -> float:
+        return self.summary["final_score"] if "final_score" in self.summary else self.summary["final_acc"]
+
+    @property
     def evals(self) -> list[dict[str, Any]]:
-        return [r for r in self.rows if "test_acc" in r]
+        return [r for r in self.rows if self.key in r]
 
     def to_target(self, target: float) -> tuple[float | None, int | None]:
-        """(simulated seconds, bytes) when test accuracy first reaches `target`, or (None, None)."""
-        hit = next((r for r in self.evals if r["test_acc"] >= target), None)
+        """(simulated seconds, bytes) when the score first reaches `target`, or (None, None)."""
+        hit = next((r for r in self.evals if r[self.key] >= target), None)
         return (hit["sim_time_s"], hit["bytes_up"] + hit["bytes_down"]) if hit else (None, None)
 
 
@@ -115,7 +124,7 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 def default_target(runs: list[Run]) -> float:
     by = _by_label(runs)
-    finals = {lab: np.mean([r.summary["final_acc"] for r in rs]) for lab, rs in by.items()}
+    finals = {lab: np.mean([r.final for r in rs]) for lab, rs in by.items()}
     base = finals.get("fedlora", min(finals.values()))
     return TARGET_FRACTION * float(base)
 
@@ -131,7 +140,7 @@ def table(runs: list[Run], target: float) -> list[dict[str, Any]]:
     """One row per method: final accuracy mean ± std, time/traffic to target, speed-up vs FedLoRA."""
     rows = []
     for label, rs in _by_label(runs).items():
-        acc_m, acc_s = _mean_std([r.summary["final_acc"] for r in rs])
+        acc_m, acc_s = _mean_std([r.final for r in rs])
         hits = [r.to_target(target) for r in rs]
         times = [t for t, _ in hits if t is not None]
         traffic = [b for _, b in hits if b is not None]
@@ -180,8 +189,9 @@ def write_report(runs: list[Run], out: Path, target: float | None = None) -> Pat
             f"{_fmt(r['sim_time_s'], 's')} | {_fmt(r['bytes_total'], 'mb')} |")
     by = _by_label(runs)
     curves = {lab: [r.rows for r in rs] for lab, rs in by.items()}
-    plots.plot_curves(curves, "sim_time_s", out / "accuracy_vs_time.png", "accuracy vs. simulated time")
-    plots.plot_curves(curves, "bytes", out / "accuracy_vs_traffic.png", "accuracy vs. traffic")
+    key = runs[0].key
+    plots.plot_curves(curves, "sim_time_s", out / "accuracy_vs_time.png", "score vs. simulated time", key)
+    plots.plot_curves(curves, "bytes", out / "accuracy_vs_traffic.png", "score vs. traffic", key)
     plots.plot_bars({r["method"]: r["time_to_target_s"] for r in rows}, out / "time_to_target.png",
                     f"simulated time to {100 * target:.1f}% accuracy")
     lines += ["", "![accuracy vs time](accuracy_vs_time.png)", "![accuracy vs traffic](accuracy_vs_traffic.png)",

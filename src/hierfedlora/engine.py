@@ -38,7 +38,7 @@ from hierfedlora.fast.workers import ProcessExecutor, WorkerSetup
 from hierfedlora.fleet import DeviceProfile, availability, build_fleet, round_profiles
 from hierfedlora.lora_state import State, from_device, num_bytes, to_device
 from hierfedlora.partition import label_histograms, partition
-from hierfedlora.protocol import DeviceJob, Executor, Job, LocalTraining, SetupInfo, TrainResult
+from hierfedlora.protocol import DeviceJob, DevicePlan, Executor, Job, LocalTraining, SetupInfo, TrainResult
 from hierfedlora.strategies.registry import get_strategy, trainer_options
 
 CHECKPOINT = "checkpoint.pt"
@@ -47,6 +47,10 @@ CHECKPOINT_VERSION = 1
 
 class CheckpointError(ValueError):
     pass
+
+
+class PlanError(ValueError):
+    """A device was asked to run a plan it cannot (e.g. beyond its memory)."""
 
 
 @dataclasses.dataclass
@@ -213,6 +217,7 @@ class Simulation:
             self.val_batches = _length_sorted_batches(w, w.val, cfg.train.eval_batch_size) if len(w.val) else []
             self.score_key = "test_acc"
         self.meter = TrafficMeter()
+        self.peak_memory: dict[int, float] = {}  # device -> largest estimated training peak (bytes)
         self.sim_time = 0.0
         self.round = 0
         self.rows: list[dict[str, Any]] = []
@@ -223,6 +228,9 @@ class Simulation:
         cfg = self.cfg
         n = cfg.train.workers or (os.cpu_count() or 1)
         if self.instruction:  # no packed decoder forward yet: nothing for workers or lockstep to join
+            if cfg.train.workers != 1:
+                warnings.warn("train.workers is not used for task.kind = \"instruction\": device jobs run in this "
+                              "process (torch uses every core)")
             return LocalExecutor(self.model, self.work.fleet_data(), local_training(cfg))
         if n <= 1:
             return local_executor(self)
@@ -253,6 +261,7 @@ class Simulation:
         sent = []
         for job in jobs:
             plan, d = job.plan, job.plan.device
+            self._check_memory(plan, profiles[d])
             if d in ctx.drops:
                 dropped.add(d)
                 continue
@@ -276,6 +285,25 @@ class Simulation:
                 down_s=transfer_time(b_down, down_bw, lat), up_s=transfer_time(b_up, up_bw, lat),
                 bytes_down=b_down, bytes_up=b_up))
         return results
+
+    def _check_memory(self, plan: DevicePlan, profile: DeviceProfile) -> None:
+        """Refuse a plan whose estimated training memory exceeds the device's (`SetupInfo.
+        predict_memory_bytes`); remember each device's largest estimate (`memory.json`)."""
+        d = plan.device
+        need = self.setup.predict_memory_bytes(d, plan.ranks, len(plan.train_layers))
+        self.peak_memory[d] = max(self.peak_memory.get(d, 0.0), need)
+        if need > profile.memory_gb * 1e9:
+            raise PlanError(
+                f"device {d} ({profile.kind}, {profile.memory_gb:g} GB) cannot train its plan: {len(plan.train_layers)} "
+                f"trained layers need an estimated {need / 1e9:.2f} GB. Lower train.batch_size or model.max_length, "
+                "or use a method that fits plans to devices (legend, hierfedlora).")
+
+    def memory_report(self) -> dict[str, Any]:
+        """Each device's memory and the largest estimated training peak of the plans it ran."""
+        return {"estimate": "clock.train_memory_bytes", "devices": [
+            {"device": d, "kind": p.kind, "memory_gb": p.memory_gb,
+             "peak_estimate_gb": round(self.peak_memory[d] / 1e9, 4) if d in self.peak_memory else None}
+            for d, p in enumerate(self.base_profiles)]}
 
     def _context(self, rnd: int) -> "_RoundContext":
         cfg = self.cfg

@@ -103,6 +103,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
         sim.executor.close()
     plot_accuracy(sim.rows, out / "accuracy.png", title=f"{sim.method} on {cfg.data.name}", key=key)
     sim.strategy.write_outputs(out, sim.rows)
+    (out / "memory.json").write_text(json.dumps(sim.memory_report(), indent=2))
     if export:
         export_adapter(sim.state, sim.global_ranks, cfg.model.name, sim.model.target_modules, cfg.model.alpha,
                        sim.work.label_names, out / "adapter", seed=cfg.run.seed, task=cfg.task.kind)
@@ -122,13 +123,15 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     t = Table(title=f"{summary['method']} -> {out}")
     t.add_column("metric")
     t.add_column("value", justify="right")
+    pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
     fmt = {
-        "final_acc": lambda v: f"{100 * v:.2f}%", "best_acc": lambda v: f"{100 * v:.2f}%",
+        "final_acc": pct, "best_acc": pct, "zero_shot_score": pct, "final_score": pct,
         "sim_time_s": lambda v: f"{v / 60:.1f} min", "bytes_total": lambda v: f"{v / 1e6:.1f} MB",
         "time_to_target_s": lambda v: f"{v / 60:.1f} min", "wall_time_s": lambda v: f"{v:.0f} s",
     }
     for k, f in fmt.items():
         if k in summary:
             v = summary[k]
-            t.add_row(k, "not reached" if v is None else f(v))
+            name = f"{k} ({summary['score'][5:]})" if k.endswith("_score") and "score" in summary else k
+            t.add_row(name, "not reached" if v is None else f(v))
     Console().print(t)

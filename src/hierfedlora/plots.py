@@ -38,22 +38,23 @@ def plot_accuracy(rows: list[dict[str, Any]], path: str | Path, title: str = "",
     plt.close(fig)
 
 
-def plot_curves(curves: dict[str, list[list[dict[str, Any]]]], x_key: str, path: str | Path, title: str) -> None:
-    """Test accuracy of each method (one line per seed, same colour) vs. simulated time or traffic."""
+def plot_curves(curves: dict[str, list[list[dict[str, Any]]]], x_key: str, path: str | Path, title: str,
+                key: str = "test_acc") -> None:
+    """Test accuracy (or score `key`) of each method (one line per seed, same colour) vs. simulated time or traffic."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     all_x = [r["sim_time_s"] for runs in curves.values() for rows in runs for r in rows]
     for i, (label, runs) in enumerate(curves.items()):
         colour = f"C{i % 10}"
         for j, rows in enumerate(runs):
-            ev = [r for r in rows if "test_acc" in r]
+            ev = [r for r in rows if key in r]
             if x_key == "bytes":
                 xs = [(r["bytes_up"] + r["bytes_down"]) / 1e6 for r in ev]
             else:
                 xs = time_axis([r["sim_time_s"] for r in ev] + [max(all_x, default=0)])[0][:-1]
-            ax.plot(xs, [100 * r["test_acc"] for r in ev], color=colour, alpha=0.9 if j == 0 else 0.4,
+            ax.plot(xs, [100 * r[key] for r in ev], color=colour, alpha=0.9 if j == 0 else 0.4,
                     label=label if j == 0 else None)
     ax.set_xlabel("traffic (MB, up + down)" if x_key == "bytes" else time_axis(all_x)[1])
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(SCORE_LABELS.get(key, key))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

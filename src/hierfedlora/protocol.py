@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import torch
 
-from hierfedlora.clock import ModelCost, compute_time, step_flops, transfer_time
+from hierfedlora.clock import ModelCost, compute_time, step_flops, train_memory_bytes, transfer_time
 from hierfedlora.fleet import DeviceProfile
 from hierfedlora.lora_state import State, head_and_layers
 
@@ -145,6 +145,22 @@ class SetupInfo:
         head = round(self.mean_response_len[device]) * b if self.mean_response_len else 0
         flops = step_flops(self.cost, [n] * b, self.layout.num_layers, trained_layers, self.backward_ratio, head)
         return compute_time(flops, profile or self.profiles[device]) * (steps or self.local_steps)
+
+    def predict_memory_bytes(self, device: int, ranks: dict[int, int], trained_layers: int) -> float:
+        """Estimated peak memory of training the top `trained_layers` layers with LoRA at `ranks`
+        (`clock.train_memory_bytes`, at the device's batch and mean example length)."""
+        n = max(1, round(self.mean_seq_len[device]))
+        b = min(self.batch_size, max(1, self.num_examples[device]))
+        applied = sum(ranks[l] * self.layout.params_per_rank(l) for l in ranks if ranks[l] > 0)
+        top = sorted((l for l in ranks if ranks[l] > 0), reverse=True)[:trained_layers]
+        trained = sum(ranks[l] * self.layout.params_per_rank(l) for l in top) + self.layout.head_params()
+        head = round(self.mean_response_len[device]) * b if self.mean_response_len else 0
+        return train_memory_bytes(self.cost, applied + self.layout.head_params(), trained, len(top), b, n, head)
+
+    def fits_memory(self, device: int, ranks: dict[int, int], trained_layers: int,
+                    profile: DeviceProfile | None = None) -> bool:
+        """Whether that plan's estimated peak fits the device's memory (`memory_gb`)."""
+        return self.predict_memory_bytes(device, ranks, trained_layers) <= (profile or self.profiles[device]).memory_gb * 1e9
 
     def payload_bytes(self, ranks: dict[int, int], layers: list[int] | None = None) -> int:
         """Bytes of the LoRA slots of `layers` (all ranked layers when None) at `ranks`, plus the head."""

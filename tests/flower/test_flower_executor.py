@@ -114,6 +114,19 @@ def test_every_registered_strategy_runs_unchanged_through_flower(tiny_cfg, flowe
     assert traffic and all(r["status"] == "ok" and r["flower_down_tensor"] == r["meter_down"] for r in traffic)
 
 
+@pytest.mark.parametrize("method", ["fedlora", "hierfedlora"])
+def test_causal_lm_instruction_tuning_through_flower(tiny_llm_cfg, flower_sim, loopback_grid, same_rows, method):
+    """The LLM task's devices as SuperNodes (response masks travel with their data) give the engine's
+    metrics, generative evaluation included."""
+    extra = {"method.num_groups": 2, "method.taus": [1, 2]} if method == "hierfedlora" else {}
+    cfg = tiny_llm_cfg(**{"run.rounds": 2, "fleet.num_devices": 4, "method.name": method, **extra})
+    local = Simulation(cfg).run()
+    sim, _ = flower_sim(cfg, loopback_grid([0, 1, 2, 3]))
+    rows = sim.run()
+    same_rows(local, rows, tol=1e-6)
+    assert "test_exact_match" in rows[-1]
+
+
 def test_intra_group_rounds_and_per_device_ranks(tiny_cfg, flower_sim, loopback_grid, read_jsonl, same_rows, two_tier):
     cfg = tiny_cfg(**{"run.rounds": 2, "fleet.num_devices": 4, "method.name": "twotier"})
     local = Simulation(cfg).run()

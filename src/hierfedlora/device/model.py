@@ -107,14 +107,15 @@ def _gguf_to_folder(name: str) -> str:
     except ImportError as e:
         raise ValueError(f"reading {fname} needs the gguf package: {hint} ({e})") from None
     # transformers refuses save_pretrained on a GGUF-loaded model, so write the dequantised weights
-    # ourselves (the LM head is not needed by a sequence classifier)
+    # ourselves (a tied LM head is the embedding table: loading ties it again)
     tmp = target.with_name(target.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     cfg = lm.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     cfg.save_pretrained(tmp)
-    weights = {k: v.detach().contiguous() for k, v in lm.state_dict().items() if not k.startswith("lm_head")}
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    weights = {k: v.detach().contiguous() for k, v in lm.state_dict().items() if not (tied and k.startswith("lm_head"))}
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(tmp)
     os.replace(tmp, target)
@@ -213,9 +214,10 @@ def model_cost(model: nn.Module) -> ModelCost:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     lm_head = model.get_output_embeddings() if is_causal_lm(model) else None
     intermediate = getattr(c, "intermediate_size", None) or 4 * c.hidden_size  # GPT-2 leaves it unset
+    frozen = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())  # tied once
     return ModelCost(hidden=c.hidden_size, intermediate=intermediate, mlp_matrices=3 if gated else 2,
                      kv_fraction=kv * head_dim / c.hidden_size,
-                     lm_head=lm_head.weight.shape[0] if lm_head is not None else 0)
+                     lm_head=lm_head.weight.shape[0] if lm_head is not None else 0, heads=heads, frozen_bytes=frozen)
 
 
 def is_causal_lm(model: nn.Module) -> bool:

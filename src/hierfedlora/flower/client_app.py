@@ -67,23 +67,34 @@ def _set_up(context: Context, toml_text: str, fingerprint: str, pid: int) -> int
         raise ValueError(f"partition-id {pid} is outside this experiment's fleet (fleet.num_devices = "
                          f"{cfg.fleet.num_devices}); give this SuperNode a partition-id in 0..{cfg.fleet.num_devices - 1}.")
     tok = load_tokenizer(cfg.model.name)
-    w = build_workload(cfg, tok)
+    if cfg.task.kind == "instruction":  # open answers are clustered by the frozen model's embeddings, as in the simulator
+        from hierfedlora.device.model import load_base
+
+        base = load_base(cfg.model.name, 0, tok, cfg.run.seed, task="instruction")
+        w = build_workload(cfg, tok, base.get_input_embeddings().weight.detach())
+    else:
+        w = build_workload(cfg, tok)
     pos = w.parts[pid].astype(np.int64)
     lens = np.array([len(w.ids[i]) for i in pos], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
     ids = np.concatenate([w.ids[i] for i in pos]).astype(np.int32) if len(pos) else np.zeros(0, np.int32)
-    context.state[DATA] = _data_record(pos, offsets, ids, w.labels[pos])
+    plens = w.prompt_lens[pos] if w.prompt_lens is not None else None
+    context.state[DATA] = _data_record(pos, offsets, ids, w.labels[pos], plens)
     context.state[SETUP] = ConfigRecord({"toml": toml_text, "fingerprint": fingerprint, "partition-id": pid,
                                          "pad-id": int(w.pad_id), "num-classes": int(w.num_classes),
                                          "vocab-size": len(tok)})
     return len(pos)
 
 
-def _data_record(pos: np.ndarray, offsets: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> ArrayRecord:
+def _data_record(pos: np.ndarray, offsets: np.ndarray, ids: np.ndarray, labels: np.ndarray,
+                 prompt_lens: np.ndarray | None = None) -> ArrayRecord:
     from flwr.app import Array
 
-    return ArrayRecord({"positions": Array(pos), "offsets": Array(offsets), "ids": Array(ids),
-                        "labels": Array(labels.astype(np.int64))})
+    arrays = {"positions": Array(pos), "offsets": Array(offsets), "ids": Array(ids),
+              "labels": Array(labels.astype(np.int64))}
+    if prompt_lens is not None:  # instruction tuning: where each example's response starts
+        arrays["prompt-lens"] = Array(prompt_lens.astype(np.int64))
+    return ArrayRecord(arrays)
 
 
 def _device_data(context: Context):
@@ -98,7 +109,11 @@ def _device_data(context: Context):
     for j, p in enumerate(pos):
         all_ids[p] = ids[offsets[j]:offsets[j + 1]]
         all_labels[p] = labels[j]
-    return DeviceData(all_ids, all_labels, pos, int(context.state.config_records[SETUP]["pad-id"]))
+    plens = None
+    if "prompt-lens" in rec:
+        plens = np.zeros(size, dtype=np.int64)
+        plens[pos] = rec["prompt-lens"].numpy()
+    return DeviceData(all_ids, all_labels, pos, int(context.state.config_records[SETUP]["pad-id"]), plens)
 
 
 class _TokenizerFacts:
@@ -119,7 +134,7 @@ def _model(cfg, setup: ConfigRecord):
         from hierfedlora.fast.model import FastModel  # the simulator's model: the same numbers
 
         tok = _TokenizerFacts(int(setup["vocab-size"]), int(setup["pad-id"]))
-        base = load_base(cfg.model.name, int(setup["num-classes"]), tok, cfg.run.seed)
+        base = load_base(cfg.model.name, int(setup["num-classes"]), tok, cfg.run.seed, task=cfg.task.kind)
         device = resolve_device(cfg.train.device)
         _cache[key] = FastModel(base, cfg.model.target_modules, cfg.model.rank, cfg.model.alpha,
                                 cfg.model.lora_dropout, cfg.run.seed, device)

@@ -218,13 +218,16 @@ class Strategy(StrategyBase):
         """(arm, its predicted seconds, eligible?) for group k this round."""
         costs = [arm_cost(self.setup, members, ctx.profiles, d, t, self.link, self.edge) for d, t in self.arms]
         cap = self.s.traffic_budget_mb * 1e6 if self.s.traffic_budget_mb else float("inf")
-        ok = [sec <= budget_s * (1 + _REL_TOL) and b <= cap for sec, b in costs]
+        # a depth that does not fit the memory of a member (its smallest device) is never eligible
+        fits = [all(self.setup.fits_memory(m, self.ranks, d, ctx.profiles[m]) for m in members)
+                for d, _ in self.arms]
+        ok = [sec <= budget_s * (1 + _REL_TOL) and b <= cap and f for (sec, b), f in zip(costs, fits)]
         if len(self.arms) == 1:  # both coordinates pinned: nothing to choose, the budget is only reported
             a = 0
         elif any(ok):
             a = self.bandits[k].select(ok, ctx.rng)
-        else:
-            a = min(range(len(self.arms)), key=lambda j: (costs[j][0], j))
+        else:  # nothing eligible: the fastest arm that fits memory (else the fastest; the engine refuses it)
+            a = min(range(len(self.arms)), key=lambda j: (not fits[j], costs[j][0], j))
         return a, costs[a][0], ok[a]
 
     def _group_rounds(self, state: State, runs: list[tuple[int, list[int], int, int]],

@@ -129,16 +129,18 @@ def predicted_time(setup: SetupInfo, device: int, ranks: dict[int, int], profile
 
 
 def choose_rungs(times: np.ndarray, traffic: np.ndarray, quantile: float,
-                 budget: float | None) -> tuple[np.ndarray, float, bool]:
+                 budget: float | None, eligible: np.ndarray | None = None) -> tuple[np.ndarray, float, bool]:
     """(rung per device, target T*, budget met) from times[i, c] (rungs richest first) and traffic[c].
 
-    T* = max(quantile_q_i T[i, 0], max_i T[i, -1]);  c_i = min{c : T[i, c] ≤ T*}; then, while
+    T* = max(quantile_q_i T[i, 0], max_i T[i, -1]);  c_i = min{c : T[i, c] ≤ T*, c eligible for i}; then, while
     Σ_i traffic[c_i] > budget, the device with the largest traffic[c_i] (ties: least T[i, c_i], then
     lowest i) steps down one rung.
     """
     n, C = times.shape
     target = max(float(np.quantile(times[:, 0], quantile)), float(times[:, -1].max()))
     fits = times <= target * (1 + 1e-9)
+    if eligible is not None:  # rungs a device cannot hold (memory) do not fit it, whatever their time
+        fits &= eligible
     idx = fits.argmax(axis=1)  # first (richest) rung that fits; the last one always does
     if budget is not None:
         while traffic[idx].sum() > budget:
@@ -168,9 +170,13 @@ def configure(setup: SetupInfo, settings: Settings, global_ranks: dict[int, int]
     d_min = min(settings.depth_min, d_max)
     ladder = config_ladder(global_ranks, d_min, d_max, settings.rank_scaling)
     times = np.array([[predicted_time(setup, i, rung, profiles[i]) for rung in ladder] for i in range(len(profiles))])
+    # a rung over a device's memory is not eligible for it (the poorest rung stays: if even that does
+    # not fit, the engine refuses the plan by name)
+    eligible = np.array([[c == len(ladder) - 1 or setup.fits_memory(i, rung, len(rung), profiles[i])
+                          for c, rung in enumerate(ladder)] for i in range(len(profiles))])
     traffic = np.array([2.0 * setup.payload_bytes(rung) for rung in ladder])
     budget = None if settings.traffic_budget_mb is None else settings.traffic_budget_mb * 1e6
-    idx, target, met = choose_rungs(times, traffic, settings.target_quantile, budget)
+    idx, target, met = choose_rungs(times, traffic, settings.target_quantile, budget, eligible)
     return Configuration([dict(ladder[c]) for c in idx], [float(times[i, c]) for i, c in enumerate(idx)], target, met)
 
 
