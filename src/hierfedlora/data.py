@@ -168,6 +168,16 @@ def _read_json(path: Path) -> pd.DataFrame:
 _READERS[".json"] = _read_json
 
 
+def user_file(name: str, builtins: list[str], what: str) -> Path:
+    """The file a data name that is no built-in names, or a ValueError that says so (did you mean ...?)."""
+    path = Path(name).expanduser()
+    if not path.is_file():
+        close = difflib.get_close_matches(name, builtins, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown {what} {name!r}: not a built-in ({', '.join(builtins)}) and no such file{hint}")
+    return path
+
+
 def _column(df: pd.DataFrame, column: str, role: str, path: Path) -> pd.Series:
     if column in df.columns:
         return df[column]
@@ -264,14 +274,7 @@ def load_dataset(
         labels, names = _encode_labels(raw, spec.label_order)
         ds_name = name
     else:
-        path = Path(name).expanduser()
-        if not path.is_file():
-            close = difflib.get_close_matches(name, list(BUILTINS), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(
-                f"unknown dataset {name!r}: not a built-in ({', '.join(BUILTINS)}) and no "
-                f"such file{hint}"
-            )
+        path = user_file(name, list(BUILTINS), "dataset")
         texts, raw = _read_user_file(path, text_column, label_column)
         labels, names = _encode_labels(raw)
         ds_name = path.stem

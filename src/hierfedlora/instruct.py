@@ -135,12 +135,7 @@ def load_instructions(name: str, *, answers: str = "auto", prompt_column: str = 
         prompts, responses = _moviedialog()
         ds_name = name
     else:
-        path = Path(name).expanduser()
-        if not path.is_file():
-            close = difflib.get_close_matches(name, list(BUILTIN_NAMES), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown instruction data {name!r}: not a built-in ({', '.join(BUILTIN_NAMES)}) and no "
-                             f"such file{hint}")
+        path = data_mod.user_file(name, list(BUILTIN_NAMES), "instruction data")
         prompts, responses = _user_file(path, prompt_column, input_column, response_column)
         ds_name = path.stem
     if not prompts:
