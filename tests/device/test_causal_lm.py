@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from hierfedlora import instruct
 from hierfedlora.clock import ModelCost, step_flops
-from hierfedlora.device import instruct_eval
+from hierfedlora.device import instruct_eval, shared_prefix
 from hierfedlora.device.model import LocalModel, load_base, load_tokenizer, model_cost
 
 
@@ -48,9 +48,23 @@ def test_response_only_loss_equals_masked_cross_entropy(setup):
     assert torch.allclose(ours, torch.stack(terms).mean(), atol=1e-5)
 
 
-def test_answer_scores_and_greedy_match_transformers(setup):
+SHARED = "Read the film critic's snippet below and say whether it is fresh or rotten. Snippet: "
+
+
+def _shared_batch(tok):
+    """Prompts that share a long instruction (as every instruction task's do), so the rows share
+    their first tokens (`shared_prefix`)."""
+    prompts = [SHARED + t for t in ("good", "a long and winding film", "bad")]
+    return instruct.encode(tok, prompts, ["yes", "it is long", "no"], max_length=60)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_answer_scores_and_greedy_match_transformers(setup, shared):
     tok, model, ids, plen = setup
+    if shared:
+        ids, plen = _shared_batch(tok)
     prompts = [x[:p] for x, p in zip(ids, plen)]
+    assert (shared_prefix.common_prompt_length(prompts) > 0) == shared
     answers = instruct.encode_answers(tok, ["yes", "no", "maybe so"])
     eot = instruct.end_of_turn(tok)
     gen, ll = instruct_eval.greedy(model, prompts, 6, eot, tok.pad_token_id, batch_size=8, answers=answers)
@@ -64,6 +78,44 @@ def test_answer_scores_and_greedy_match_transformers(setup):
         alone = model.peft.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
                                     eos_token_id=eot, pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
         assert gen[i] == (alone[:alone.index(eot)] if eot in alone else alone)
+
+
+def test_shared_prefix_forward_equals_the_plain_forward_and_its_gradients(setup):
+    """A shared prompt prefix run once gives the plain forward's hidden states and LoRA gradients."""
+    tok, model, _, _ = setup
+    ids, plen = _shared_batch(tok)
+    batch = instruct.collate(ids, plen, tok.pad_token_id)
+    n = shared_prefix.common_length(batch["input_ids"], batch["attention_mask"])
+    assert n >= shared_prefix.MIN_SHARED and n < int(batch["attention_mask"].sum(1).min())
+    ranks = {l: 4 for l in range(model.num_layers)}
+    grads = {}
+    for share in (True, False):
+        model.load({k: v.clone() for k, v in model.extract(list(ranks), ranks).items()}, ranks, tuple(ranks))
+        model.train_mode(0)  # no dropout configured: sharing stays on in training
+        assert model.may_share()
+        if share:
+            h = model.hidden(batch)
+        else:
+            h = model.body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        mask = batch["attention_mask"].bool()
+        (h[mask].square().mean()).backward()
+        grads[share] = (h[mask].detach(), [p.grad.clone() for p in model.trainable_parameters()])
+        model.peft.zero_grad()
+    model.load(model.extract(list(ranks), ranks), ranks, ())
+    model.eval_mode()
+    (h1, g1), (h0, g0) = grads[True], grads[False]
+    assert torch.allclose(h1, h0, atol=1e-5) and len(g1) == len(g0) > 0
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(g1, g0))
+
+
+def test_no_sharing_while_dropout_is_active():
+    """Sharing would tie the rows' dropout masks: with LoRA dropout it is off in training."""
+    tok = load_tokenizer("tiny-llama")
+    model = LocalModel(load_base("tiny-llama", 0, tok, seed=3, task="instruction"), None, 4, 8.0, lora_dropout=0.1)
+    model.train_mode(0)
+    assert not model.may_share()
+    model.eval_mode()
+    assert model.may_share()
 
 
 def test_metrics_loss_from_answers_equals_the_batch_loss(setup):

@@ -15,7 +15,10 @@ and stops at the end of turn or after `max_new_tokens` (for class answers: the l
 For class answers one pass over the prompts serves everything: its KV cache scores each answer
 (the answers are the same for every prompt, so each is one small batched pass) and then seeds
 `generate`; the response loss is the reference answer's log-likelihood from the same pass. On
-SmolLM2 this is about a third of the cost of scoring each (prompt, answer) pair in full.
+SmolLM2 this is about a third of the cost of scoring each (prompt, answer) pair in full. The
+prompt pass itself (`LocalModel.prompt_kv`) runs the prompts' shared instruction prefix once
+(padding goes after it), and where the decoder prefix cache serves the evaluated model, reuses the
+frozen layers' part of it from the previous evaluation (`fast.decoder_prefix`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 
 from hierfedlora import instruct
+from hierfedlora.device import shared_prefix
 
 
 @dataclass
@@ -61,41 +65,31 @@ def response_loss(model, batches: list[dict[str, torch.Tensor]]) -> tuple[float,
     return total, n
 
 
-def _left_pad(prompts: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and attention mask: every prompt ends where its continuation starts."""
+def _left_pad(prompts: list[np.ndarray], pad_id: int, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask: every prompt ends where its continuation starts. With
+    `shared`, the prompts' common first tokens stay in front and the padding goes after them."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
+        ids[i, :shared] = torch.as_tensor(p[:shared], dtype=torch.long)
+        ids[i, width - len(p) + shared:] = torch.as_tensor(p[shared:], dtype=torch.long)
+        mask[i, :shared] = 1
+        mask[i, width - len(p) + shared:] = 1
     return ids, mask
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of a left-padded batch, as transformers' `generate` computes them."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-@torch.no_grad()
-def _prefix(model, ids: torch.Tensor, mask: torch.Tensor):
-    """KV cache of every prompt token but the last (the continuations start by feeding it)."""
-    out = model.peft(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=_positions(mask[:, :-1]),
-                     use_cache=True)
-    return out.cache
 
 
 @torch.no_grad()
 def answer_loglik(model, ids: torch.Tensor, mask: torch.Tensor, past, answers: list[list[int]]) -> np.ndarray:
     """[examples, answers] log-likelihood of each allowed answer after each prompt of a left-padded
-    batch, from the prompts' shared KV cache `past` (`_prefix`; left as it was)."""
+    batch, from the prompts' KV cache `past` (`LocalModel.prompt_kv`; left as it was)."""
     n, width = ids.shape
     out = np.zeros((n, len(answers)))
     for j, ans in enumerate(answers):
         a = torch.as_tensor(ans, dtype=torch.long, device=ids.device)
         feed = torch.cat([ids[:, -1:], a[None, :-1].expand(n, -1)], dim=1)  # last prompt token + answer
         full = torch.cat([mask, torch.ones((n, len(ans) - 1), dtype=mask.dtype, device=mask.device)], dim=1)
-        logits = model.peft(input_ids=feed, attention_mask=full, position_ids=_positions(full)[:, width - 1:],
+        logits = model.peft(input_ids=feed, attention_mask=full, position_ids=shared_prefix.positions(full)[:, width - 1:],
                             cache=past, use_cache=True).logits
         past.crop(-len(ans))  # back to the prompt's cache for the next answer
         logp = torch.log_softmax(logits.float(), dim=-1).gather(2, a[None, :, None].expand(n, -1, 1))[..., 0]
@@ -116,8 +110,10 @@ def greedy(model, prompts: list[np.ndarray], max_new_tokens: int, eot: int, pad_
     out: list[list[int]] = []
     lls = []
     for s in range(0, len(prompts), batch_size):
-        ids, mask = (t.to(model.device) for t in _left_pad(prompts[s:s + batch_size], pad_id))
-        past = _prefix(model, ids, mask)
+        chunk = prompts[s:s + batch_size]
+        shared = shared_prefix.common_prompt_length(chunk)
+        ids, mask = (t.to(model.device) for t in _left_pad(chunk, pad_id, shared))
+        past = model.prompt_kv(ids, mask, shared)
         if answers is not None:
             lls.append(answer_loglik(model, ids, mask, past, answers))
         seqs = model.peft.generate(input_ids=ids, attention_mask=mask, cache=past, generation_config=gen)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hierfedlora.clock import ModelCost
+from hierfedlora.device import shared_prefix
 from hierfedlora.lora_state import State, head_key, lora_key
 from hierfedlora.protocol import Layout
 
@@ -391,12 +392,33 @@ class LocalModel:
         dev = self.device
         return self.peft(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
 
+    @property
+    def body(self) -> nn.Module:
+        """transformers' decoder stack of a causal LM, without its LM head."""
+        return self.peft.base_model.model.base_model
+
+    def may_share(self) -> bool:
+        """Whether a batch's rows may run their shared prompt prefix once (`shared_prefix`): no
+        dropout is active, so every row would see the same numbers there anyway."""
+        if not self.peft.training:
+            return True
+        attn = getattr(self.peft.base_model.model.config, "attention_dropout", 0.0) or 0.0
+        return attn == 0.0 and not any(m.training and m.p > 0 for _, m in self.dropouts)
+
+    @torch.no_grad()
+    def prompt_kv(self, ids: torch.Tensor, mask: torch.Tensor, shared: int = 0):
+        """KV cache of a padded prompt batch but its last token, for scoring and generating after
+        it (`shared_prefix.prompt_cache`)."""
+        return shared_prefix.prompt_cache(self.body, ids, mask, shared)
+
     def hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """A causal LM's last hidden states [batch, tokens, hidden] (before its LM head)."""
-        dev = self.device
-        body = self.peft.base_model.model.base_model  # transformers' decoder stack without the LM head
-        return body(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
-                    use_cache=False).last_hidden_state
+        """A causal LM's last hidden states [batch, tokens, hidden] (before its LM head); a prompt
+        prefix all rows share runs once (`shared_prefix`)."""
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        shared = shared_prefix.common_length(ids, mask) if self.may_share() else 0
+        if shared:
+            return shared_prefix.forward(self.body, mask, shared, input_ids=ids)
+        return self.body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
     def token_logprobs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probability of each counted next token, its example's row) of a causal-LM batch

@@ -151,8 +151,15 @@ class FastModel(LocalModel):
         loaded plan allows and the batch's examples are cached (same numbers)."""
         dp = self.decoder_prefix
         if dp is not None and self._prefix_on and dp.covers(batch):
-            return dp.hidden(batch, self.device)
+            return dp.hidden(batch, self.device, share=self.may_share())
         return super().hidden(batch)
+
+    def prompt_kv(self, ids: torch.Tensor, mask: torch.Tensor, shared: int = 0):
+        """A prompt batch's KV cache; the cached layers' part kept between evaluations where the
+        loaded model leaves them without LoRA (`DecoderPrefix.prompt_kv`; same numbers)."""
+        if self.decoder_prefix is not None and self._prefix_on:
+            return self.decoder_prefix.prompt_kv(ids, mask, shared, self.device)
+        return super().prompt_kv(ids, mask, shared)
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Class logits of a right-padded batch: packed where possible, with layers below the cache
