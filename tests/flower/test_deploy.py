@@ -177,10 +177,29 @@ def _stop_processes_mentioning(text: str) -> None:
 
 
 @pytest.mark.flower_processes
-def test_flwr_run_on_the_simulation_runtime_matches_engine(tiny_cfg, tmp_path, final_metrics_agree):
+def test_causal_lm_through_hierfedlora_flower_matches_engine(tiny_llm_cfg, tmp_path, no_stray_processes, capsys,
+                                                             read_jsonl, final_metrics_agree):
+    """Instruction tuning of a decoder (tiny Llama) over real SuperNodes: `hierfedlora flower` gives
+    the in-process run's metrics (answer accuracy, exact match, response loss), tensors and traffic."""
+    cfg = tiny_llm_cfg(**{"run.rounds": 2, "fleet.num_devices": 3, "train.threads": 1})
+    cfg_path = tmp_path / "experiment.toml"
+    dump_config(cfg, cfg_path)
+    run_experiment(cfg, tmp_path / "local", progress=False, export=False)
+    assert main(["flower", str(cfg_path), "--out", str(tmp_path / "flower"), "--work", str(tmp_path / "fed"),
+                 "--round-timeout", "180", "--node-wait", "120"]) == 0, capsys.readouterr().out
+    final_metrics_agree(tmp_path / "local", tmp_path / "flower")
+    last = read_jsonl(tmp_path / "flower" / "metrics.jsonl")[-1]
+    assert {"test_acc", "test_exact_match", "test_loss"} <= set(last)
+
+
+@pytest.mark.flower_processes
+@pytest.mark.parametrize("task", ["classification", "instruction"])
+def test_flwr_run_on_the_simulation_runtime_matches_engine(task, request, tmp_path, final_metrics_agree):
     """README's `flwr run . local`: Flower's simulation runtime (Ray, 3 virtual SuperNodes) runs
-    this repository as a Flower App and gives the in-process run's metrics, tensors and traffic."""
-    cfg = tiny_cfg(**{"run.rounds": 2, "fleet.num_devices": 3, "train.threads": 1})
+    this repository as a Flower App and gives the in-process run's metrics, tensors and traffic,
+    for a classifier and for instruction tuning of a decoder (tiny Llama)."""
+    make = request.getfixturevalue("tiny_cfg" if task == "classification" else "tiny_llm_cfg")
+    cfg = make(**{"run.rounds": 2, "fleet.num_devices": 3, "train.threads": 1})
     cfg_path = tmp_path / "experiment.toml"
     dump_config(cfg, cfg_path)
     run_experiment(cfg, tmp_path / "local", progress=False, export=False)
