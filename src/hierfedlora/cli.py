@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per method")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting for every run")
     c.add_argument("--out", help="comparison directory (default: runs/compare-<config name>)")
+    c.add_argument("--budget", help="equal simulated-time budget: SECONDS, or 'auto' (when FedLoRA has converged)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compare)
 
@@ -75,7 +77,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
     out = Path(args.out) if args.out else default_out(args.config, prefix="compare-")
-    report = run_comparison(args.config, methods, args.seeds, out, args.set, progress=not args.quiet)
+    budget = args.budget
+    if budget is not None and budget != "auto":
+        try:
+            budget = float(budget)
+        except ValueError:
+            budget = -1.0
+        if not math.isfinite(budget) or budget <= 0:
+            raise ConfigError(f"--budget '{args.budget}' is neither simulated seconds (> 0) nor 'auto'; "
+                              "e.g. --budget 120 or --budget auto")
+    report = run_comparison(args.config, methods, args.seeds, out, args.set, progress=not args.quiet, budget=budget)
     print(report.read_text())
     return 0
 

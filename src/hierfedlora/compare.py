@@ -10,10 +10,18 @@ A method in `--methods` is a registered method name or a variant defined in the 
     name = "hierfedlora"
     fixed_depth = 6
 
-Time and traffic to target are read off each run's evaluation rows: the first evaluated round whose
-test accuracy reaches the target. The target defaults to 95% of FedLoRA's mean final accuracy (or,
-without FedLoRA in the comparison, of the lowest method mean), so every method's "speed-up" is
-measured to an accuracy the baseline actually reaches.
+**Equal budgets.** Methods finish the same number of rounds at very different simulated times, so
+with `--budget SECONDS` every run goes until its simulated clock reaches the budget (`run.budget_s`;
+`run.rounds` is then a cap) and is scored by its last evaluation at or before the budget. With
+`--budget auto` FedLoRA runs first, to its rounds, and the budget is the simulated time by which
+its last three evaluations lie within one point (`CONVERGED_SPAN`) in every seed; a seed where
+that never happens sets the budget to its end and is flagged as not converged.
+
+**Seeds.** Per method the report gives the score mean ± std and a 95% t-interval over seeds, the
+paired difference to FedLoRA seed by seed with its interval, and time and traffic (WAN and LAN
+apart) to a target with how many seeds reached it. The target defaults to 95% of FedLoRA's mean
+score (or, without FedLoRA, of the lowest method mean), so every "speed-up" is measured to a score
+the baseline reaches.
 """
 
 from __future__ import annotations
@@ -27,9 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from hierfedlora.config import ConfigError, ExperimentConfig, build_config, load_config
+from hierfedlora.config import ConfigError, ExperimentConfig, build_config, dump_config, load_config
 
 TARGET_FRACTION = 0.95
+CONVERGED_SPAN = 0.01  # --budget auto: FedLoRA's last three evaluations within one point
+CONFIDENCE = 0.95
 
 
 @dataclass
@@ -53,10 +63,54 @@ class Run:
     def evals(self) -> list[dict[str, Any]]:
         return [r for r in self.rows if self.key in r]
 
-    def to_target(self, target: float) -> tuple[float | None, int | None]:
-        """(simulated seconds, bytes) when the score first reaches `target`, or (None, None)."""
-        hit = next((r for r in self.evals if r[self.key] >= target), None)
-        return (hit["sim_time_s"], hit["bytes_up"] + hit["bytes_down"]) if hit else (None, None)
+    def score_at(self, budget: float | None) -> float | None:
+        """The last evaluation at or before `budget` simulated seconds (the final one without)."""
+        if budget is None:
+            return self.final
+        at = [r for r in self.evals if r["sim_time_s"] <= budget]
+        return at[-1][self.key] if at else None
+
+    def reached_budget(self, budget: float | None) -> bool:
+        return budget is None or self.summary["sim_time_s"] >= budget
+
+    def to_target(self, target: float) -> dict[str, Any] | None:
+        """The first evaluation row whose score reaches `target`, or None."""
+        return next((r for r in self.evals if r[self.key] >= target), None)
+
+
+def converged_at(run: Run, span: float = CONVERGED_SPAN) -> float | None:
+    """Simulated time of the first evaluation after training started whose last three evaluations
+    (it and the two before) lie within `span`; None if that never happens."""
+    ev = [r for r in run.evals if r["round"] > 0]
+    for i in range(2, len(ev)):
+        window = [r[run.key] for r in ev[i - 2:i + 1]]
+        if max(window) - min(window) <= span + 1e-12:  # one point, not one point plus rounding
+            return float(ev[i]["sim_time_s"])
+    return None
+
+
+def auto_budget(baseline: list[Run]) -> tuple[float, list[int]]:
+    """(budget, seeds that did not converge): the latest convergence time over the baseline's
+    seeds; a seed that never converged counts with its whole run."""
+    times, unconverged = [], []
+    for r in baseline:
+        t = converged_at(r)
+        if t is None:
+            unconverged.append(r.seed)
+            t = float(r.summary["sim_time_s"])
+        times.append(t)
+    return max(times), sorted(unconverged)
+
+
+def interval(xs: list[float], confidence: float = CONFIDENCE) -> tuple[float, float, float | None]:
+    """(mean, sample std, half-width of the t confidence interval of the mean; None for one value)."""
+    from scipy import stats
+
+    a = np.asarray(xs, dtype=float)
+    if len(a) < 2:
+        return float(a.mean()), 0.0, None
+    sd = float(a.std(ddof=1))
+    return float(a.mean()), sd, float(stats.t.ppf(0.5 + confidence / 2, len(a) - 1) * sd / math.sqrt(len(a)))
 
 
 def read_variants(config_path: str | Path | None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -80,52 +134,92 @@ def method_config(raw: dict[str, Any], variants: dict[str, dict[str, Any]], labe
 
 
 def run_comparison(config_path: str | None, methods: list[str], seeds: int, out: Path, overrides: list[str],
-                   progress: bool = True) -> Path:
-    from hierfedlora.engine import CHECKPOINT, config_fingerprint
-    from hierfedlora.experiment import run_experiment
-
+                   progress: bool = True, budget: float | str | None = None) -> Path:
+    """Run every (method, seed) into `out` and write its report; `budget`: simulated seconds, "auto"
+    (module docstring) or None (every run to its rounds)."""
     raw, variants = read_variants(config_path)
+    auto = budget == "auto"
+    if auto and "fedlora" not in methods:
+        raise ConfigError("--budget auto is set by FedLoRA's convergence: add fedlora to --methods, "
+                          "or give the budget in simulated seconds (e.g. --budget 120).")
     # every (method, seed) config first: a bad method or setting fails before anything is trained
     configs = {(label, seed): method_config(raw, variants, label, seed, overrides) for label in methods for seed in range(seeds)}
     out.mkdir(parents=True, exist_ok=True)
-    for (label, seed), cfg in configs.items():
-        run_dir = out / label / f"seed{seed}"
-        if (run_dir / "summary.json").exists() and (run_dir / "config.toml").exists():
-            if config_fingerprint(load_config(run_dir / "config.toml")) == config_fingerprint(cfg):
-                print(f"reusing finished run {run_dir}")
-                continue
+    seconds = None if auto else budget
+    for label, seed in sorted(configs, key=lambda k: k[0] != "fedlora"):  # FedLoRA first: auto needs it
+        if auto and label != "fedlora" and seconds is None:
+            seconds = _auto(out, seeds)
+        cfg = configs[(label, seed)]
+        if seconds is not None and not (auto and label == "fedlora"):
+            cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"budget_s": float(seconds)})})
+        _run_one(cfg, out / label / f"seed{seed}", progress)
+    if auto and seconds is None:  # FedLoRA alone
+        seconds = _auto(out, seeds)
+    if seconds is not None:
+        (out / "budget.json").write_text(json.dumps({"budget_s": seconds, "rule": "auto" if auto else "given"}))
+    return write_report(load_runs([out]), out)
+
+
+def _auto(out: Path, seeds: int) -> float:
+    seconds, unconverged = auto_budget([load_run(out / "fedlora" / f"seed{s}") for s in range(seeds)])
+    print(f"budget: {seconds:.1f} simulated seconds, when FedLoRA's last three evaluations were within "
+          f"{100 * CONVERGED_SPAN:.0f} point " + (f"(not converged in seed(s) {unconverged}: their whole run)"
+                                                  if unconverged else "in every seed"))
+    return seconds
+
+
+def _run_one(cfg: ExperimentConfig, run_dir: Path, progress: bool) -> None:
+    """Run one (method, seed) into `run_dir`: a finished run of the same configuration is reused, or
+    extended from its checkpoint when `cfg` stops later (more rounds, a larger budget); an
+    interrupted one is resumed."""
+    from hierfedlora.engine import CHECKPOINT, config_fingerprint
+    from hierfedlora.experiment import run_experiment
+
+    show = progress and cfg.run.progress
+    if (run_dir / "summary.json").exists() and (run_dir / "config.toml").exists():
+        if config_fingerprint(load_config(run_dir / "config.toml")) != config_fingerprint(cfg):
             raise ConfigError(f"{run_dir} holds a finished run of a different configuration; "
                               "move it away or pick another --out.")
-        resume = (run_dir / CHECKPOINT).exists()
-        run_experiment(cfg, run_dir, resume=resume, overwrite=not resume, progress=progress and cfg.run.progress)
-    return write_report(load_runs([out]), out)
+        done = json.loads((run_dir / "summary.json").read_text())
+        budget = cfg.run.budget_s
+        if done["rounds"] >= cfg.run.rounds or (budget is not None and done["sim_time_s"] >= budget):
+            print(f"reusing finished run {run_dir}")
+            return
+        print(f"extending finished run {run_dir} (to {cfg.run.rounds} rounds"
+              + (f" or {budget:.1f} simulated seconds)" if budget is not None else ")"))
+        (run_dir / "summary.json").unlink()  # not finished while it runs on
+        dump_config(cfg, run_dir / "config.toml")
+        run_experiment(cfg, run_dir, resume=True, progress=show)
+        return
+    resume = (run_dir / CHECKPOINT).exists()
+    if resume:
+        dump_config(cfg, run_dir / "config.toml")  # the same run; only its stopping rule may differ
+    run_experiment(cfg, run_dir, resume=resume, overwrite=not resume, progress=show)
+
+
+def load_run(d: Path) -> Run:
+    """The finished run in directory `d`."""
+    if not (d / "summary.json").is_file():
+        raise ValueError(f"no finished run (summary.json) in {d}")
+    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    s = json.loads((d / "summary.json").read_text())
+    cfg = tomllib.loads((d / "config.toml").read_text())
+    label = d.parent.name if d.name.startswith("seed") else s.get("method", d.name)
+    return Run(label, int(cfg.get("run", {}).get("seed", 0)), d, rows, s)
 
 
 def load_runs(paths: list[Path]) -> list[Run]:
     """Finished runs under the given directories (a compare directory or run directories)."""
-    runs = []
-    for p in paths:
-        for summary in sorted(Path(p).rglob("summary.json")):
-            d = summary.parent
-            rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
-            s = json.loads(summary.read_text())
-            cfg = tomllib.loads((d / "config.toml").read_text())
-            label = d.parent.name if d.name.startswith("seed") else s.get("method", d.name)
-            runs.append(Run(label, int(cfg.get("run", {}).get("seed", 0)), d, rows, s))
+    runs = [load_run(summary.parent) for p in paths for summary in sorted(Path(p).rglob("summary.json"))]
     if not runs:
         raise ValueError(f"no finished runs (summary.json) under {', '.join(map(str, paths))}")
     return runs
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    a = np.array(xs, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
-
-
-def default_target(runs: list[Run]) -> float:
+def default_target(runs: list[Run], budget: float | None = None) -> float:
     by = _by_label(runs)
-    finals = {lab: np.mean([r.final for r in rs]) for lab, rs in by.items()}
-    base = finals.get("fedlora", min(finals.values()))
+    scores = {lab: np.mean([r.score_at(budget) or 0.0 for r in rs]) for lab, rs in by.items()}
+    base = scores.get("fedlora", min(scores.values()))
     return TARGET_FRACTION * float(base)
 
 
@@ -136,61 +230,113 @@ def _by_label(runs: list[Run]) -> dict[str, list[Run]]:
     return out
 
 
-def table(runs: list[Run], target: float) -> list[dict[str, Any]]:
-    """One row per method: final accuracy mean ± std, time/traffic to target, speed-up vs FedLoRA."""
+def _mean(xs: list[float]) -> float | None:
+    return float(np.mean(xs)) if xs else None
+
+
+def table(runs: list[Run], target: float, budget: float | None = None) -> list[dict[str, Any]]:
+    """One row per method: its score (at the budget, or final) mean ± std with a 95% interval, the
+    paired difference to FedLoRA, time and traffic to target (within the budget) over the seeds
+    that reached it, and the totals."""
+    by = _by_label(runs)
+    base = {r.seed: r.score_at(budget) for r in by.get("fedlora", [])}
     rows = []
-    for label, rs in _by_label(runs).items():
-        acc_m, acc_s = _mean_std([r.final for r in rs])
-        hits = [r.to_target(target) for r in rs]
-        times = [t for t, _ in hits if t is not None]
-        traffic = [b for _, b in hits if b is not None]
+    for label, rs in by.items():
+        scores = [r.score_at(budget) for r in rs]
+        m, sd, ci = interval([x for x in scores if x is not None] or [float("nan")])
+        diffs = [x - base[r.seed] for r, x in zip(rs, scores) if x is not None and base.get(r.seed) is not None]
+        dm, _, dci = interval(diffs) if diffs and label != "fedlora" else (None, None, None)
+        hits = [h for h in (r.to_target(target) for r in rs) if h is not None
+                and (budget is None or h["sim_time_s"] <= budget)]
         rows.append({
-            "method": label, "seeds": len(rs), "final_acc_mean": acc_m, "final_acc_std": acc_s,
-            "reached": f"{len(times)}/{len(rs)}",
-            "time_to_target_s": float(np.mean(times)) if len(times) == len(rs) else None,
-            "traffic_to_target_bytes": float(np.mean(traffic)) if len(traffic) == len(rs) else None,
+            "method": label, "seeds": len(rs), "score_mean": m, "score_std": sd, "score_ci95": ci,
+            "diff_vs_fedlora_mean": dm, "diff_vs_fedlora_ci95": dci, "paired_seeds": len(diffs) if dm is not None else 0,
+            "reached": f"{len(hits)}/{len(rs)}",
+            "time_to_target_s": _mean([h["sim_time_s"] for h in hits]),
+            "traffic_to_target_bytes": _mean([h["bytes_up"] + h["bytes_down"] for h in hits]),
+            "wan_to_target_bytes": _mean([h.get("bytes_wan", 0) for h in hits]),
+            "lan_to_target_bytes": _mean([h.get("bytes_lan", 0) for h in hits]),
             "sim_time_s": float(np.mean([r.summary["sim_time_s"] for r in rs])),
             "bytes_total": float(np.mean([r.summary["bytes_total"] for r in rs])),
+            "stopped_before_budget": [r.seed for r in rs if not r.reached_budget(budget)],
+            "not_converged_at_budget": [r.seed for r in rs if budget is not None
+                                        and (converged_at(r) is None or converged_at(r) > budget)],
         })
-    base = next((r for r in rows if r["method"] == "fedlora"), None)
+    fed = next((r for r in rows if r["method"] == "fedlora"), None)
     for r in rows:
-        ok = base and base["time_to_target_s"] and r["time_to_target_s"]
-        r["speedup_vs_fedlora"] = base["time_to_target_s"] / r["time_to_target_s"] if ok else None
-        okb = base and base["traffic_to_target_bytes"] and r["traffic_to_target_bytes"]
-        r["traffic_saving_vs_fedlora"] = 1 - r["traffic_to_target_bytes"] / base["traffic_to_target_bytes"] if okb else None
+        ok = fed and fed["time_to_target_s"] and r["time_to_target_s"]
+        r["speedup_vs_fedlora"] = fed["time_to_target_s"] / r["time_to_target_s"] if ok else None
+        okb = fed and fed["wan_to_target_bytes"] and r["wan_to_target_bytes"] is not None
+        r["wan_saving_vs_fedlora"] = 1 - r["wan_to_target_bytes"] / fed["wan_to_target_bytes"] if okb else None
     return rows
 
 
 def _fmt(v: Any, kind: str) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
-    return {"pct": f"{100 * v:.2f}", "s": f"{v:.1f}", "mb": f"{v / 1e6:.1f}", "x": f"{v:.2f}×",
-            "save": f"{100 * v:.1f}%"}.get(kind, str(v))
+    return {"pct": f"{100 * v:.2f}", "pp": f"{100 * v:+.2f}", "s": f"{v:.1f}", "mb": f"{v / 1e6:.1f}",
+            "x": f"{v:.2f}×", "save": f"{100 * v:.1f}%"}.get(kind, str(v))
 
 
-def write_report(runs: list[Run], out: Path, target: float | None = None) -> Path:
+def _pm(mean: float | None, half: float | None, kind: str) -> str:
+    return _fmt(mean, kind) + (f" ± {100 * half:.2f}" if half is not None and mean is not None else "")
+
+
+def read_budget(out: Path) -> tuple[float | None, str]:
+    """(budget, how it was set) of a compare directory (`budget.json`), or the runs' own budget."""
+    p = out / "budget.json"
+    if p.is_file():
+        b = json.loads(p.read_text())
+        return float(b["budget_s"]), b.get("rule", "given")
+    return None, ""
+
+
+def write_report(runs: list[Run], out: Path, target: float | None = None, budget: float | None = None) -> Path:
     from hierfedlora import plots
 
-    target = default_target(runs) if target is None else target
-    rows = table(runs, target)
-    (out / "table.json").write_text(json.dumps({"target_acc": target, "rows": rows}, indent=2))
-    lines = [
-        "# Method comparison", "",
-        f"Target accuracy: {100 * target:.2f}% (default rule: {int(TARGET_FRACTION * 100)}% of FedLoRA's mean final accuracy).",
-        "Times are simulated; traffic counts every byte up and down on every link.", "",
-        "| method | seeds | final acc (%) | reached target | time to target (s) | traffic to target (MB) | speed-up vs FedLoRA | traffic saved vs FedLoRA | total sim time (s) | total traffic (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+    rule = "given"
+    if budget is None:
+        budget, rule = read_budget(out)
+    if budget is None:  # runs that all ran under one budget of their own
+        own = {r.summary.get("budget_s") for r in runs}
+        budget = own.pop() if len(own) == 1 and None not in own else None
+    target = default_target(runs, budget) if target is None else target
+    rows = table(runs, target, budget)
+    (out / "table.json").write_text(json.dumps({"target_acc": target, "budget_s": budget, "rows": rows}, indent=2))
+    scored = f"score at the budget ({budget:.1f} simulated s)" if budget is not None else "final score"
+    lines = ["# Method comparison", ""]
+    flags = [f"- **{r['method']} has not converged at the budget** in seed(s) {r['not_converged_at_budget']} "
+             f"(its last three evaluations before it span more than {100 * CONVERGED_SPAN:.0f} point): its score there "
+             "is still rising or swinging." for r in rows if r["not_converged_at_budget"] and r["method"] == "fedlora"]
+    flags += [f"- {r['method']} stopped at its round cap before the budget in seed(s) {r['stopped_before_budget']}: "
+              "raise run.rounds." for r in rows if r["stopped_before_budget"]]
+    if flags:
+        lines += ["**Read with care:**", ""] + flags + [""]
+    if budget is not None:
+        how = (f"auto: FedLoRA's last three evaluations within {100 * CONVERGED_SPAN:.0f} point by then in every seed, "
+               "or its whole run where not") if rule == "auto" else "given"
+        lines.append(f"Budget: {budget:.1f} simulated seconds ({how}). Every method is scored by its last evaluation "
+                     "at or before the budget.")
+    lines += [
+        f"Target: {100 * target:.2f}% (default rule: {int(TARGET_FRACTION * 100)}% of FedLoRA's mean {scored}).",
+        f"Intervals: {int(CONFIDENCE * 100)}% t-intervals over seeds; the difference to FedLoRA is paired by seed.",
+        "Times are simulated; traffic counts every byte up and down (WAN: device/aggregator to the PS; LAN: within a group).", "",
+        f"| method | seeds | {scored} (%) | vs FedLoRA (points) | reached target | time to target (s) | WAN to target (MB) | "
+        "LAN to target (MB) | speed-up vs FedLoRA | WAN saved vs FedLoRA | total sim time (s) | total traffic (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['seeds']} | {_fmt(r['final_acc_mean'], 'pct')} ± {_fmt(r['final_acc_std'], 'pct')} | "
-            f"{r['reached']} | {_fmt(r['time_to_target_s'], 's')} | {_fmt(r['traffic_to_target_bytes'], 'mb')} | "
-            f"{_fmt(r['speedup_vs_fedlora'], 'x')} | {_fmt(r['traffic_saving_vs_fedlora'], 'save')} | "
-            f"{_fmt(r['sim_time_s'], 's')} | {_fmt(r['bytes_total'], 'mb')} |")
+            f"| {r['method']} | {r['seeds']} | {_pm(r['score_mean'], r['score_ci95'], 'pct')} | "
+            f"{_pm(r['diff_vs_fedlora_mean'], r['diff_vs_fedlora_ci95'], 'pp')} | {r['reached']} | "
+            f"{_fmt(r['time_to_target_s'], 's')} | {_fmt(r['wan_to_target_bytes'], 'mb')} | "
+            f"{_fmt(r['lan_to_target_bytes'], 'mb')} | {_fmt(r['speedup_vs_fedlora'], 'x')} | "
+            f"{_fmt(r['wan_saving_vs_fedlora'], 'save')} | {_fmt(r['sim_time_s'], 's')} | {_fmt(r['bytes_total'], 'mb')} |")
     by = _by_label(runs)
     curves = {lab: [r.rows for r in rs] for lab, rs in by.items()}
     key = runs[0].key
-    plots.plot_curves(curves, "sim_time_s", out / "accuracy_vs_time.png", "score vs. simulated time", key)
+    plots.plot_bands(curves, out / "accuracy_vs_time.png", f"score vs. simulated time (mean ± std over seeds)", key,
+                     budget=budget)
     plots.plot_curves(curves, "bytes", out / "accuracy_vs_traffic.png", "score vs. traffic", key)
     plots.plot_bars({r["method"]: r["time_to_target_s"] for r in rows}, out / "time_to_target.png",
                     f"simulated time to {100 * target:.1f}% accuracy")

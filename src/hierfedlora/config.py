@@ -108,7 +108,8 @@ class TrainConfig(_Section):
 
 class RunConfig(_Section):
     seed: int = Field(0, ge=0, lt=2**32, description="Seeds data split, partition, fleet draw, model init and training.")
-    rounds: int = Field(12, ge=1, description="Global rounds.")
+    rounds: int = Field(12, ge=1, description="Global rounds (with budget_s: the most rounds).")
+    budget_s: float | None = Field(None, gt=0, allow_inf_nan=False, description="Simulated-time budget in seconds: rounds run until the simulated clock reaches it (evaluated at the round that crosses it); rounds stays a cap.")
     eval_every: int = Field(2, ge=1, description="Evaluate on the test split every N rounds (and after the last).")
     checkpoint_every: int = Field(2, ge=1, description="Write checkpoint.pt every N rounds.")
     target_acc: float | None = Field(None, gt=0, le=1, description="Report simulated time/traffic to this test score (accuracy; ROUGE-L for open answers).")

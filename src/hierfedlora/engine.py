@@ -136,7 +136,8 @@ def _eval_set(w: Workload, positions: np.ndarray, tokenizer, cfg: ExperimentConf
 def config_fingerprint(cfg: ExperimentConfig) -> str:
     """Hash of everything that determines results (not progress display or checkpoint cadence)."""
     d = cfg.to_dict()
-    d["run"] = {k: v for k, v in d["run"].items() if k not in ("progress", "checkpoint_every", "rounds", "eval_every", "target_acc")}
+    d["run"] = {k: v for k, v in d["run"].items() if k not in ("progress", "checkpoint_every", "rounds", "eval_every", "target_acc",
+                                                                      "budget_s")}
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("prefix_cache", "cache_memory_mb", "workers", "lockstep")}  # speed only
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -371,14 +372,20 @@ class Simulation:
             "participants": len(report.participants), "participant_ids": report.participants,
             "dropped": sorted(ctx.dropped),
         }
-        if rnd % self.cfg.run.eval_every == 0 or rnd == self.cfg.run.rounds:
+        if rnd % self.cfg.run.eval_every == 0 or self.done:  # the last round is always evaluated
             row.update(self._eval_row())
         row.update(report.extra)
         self.rows.append(row)
         return row
 
+    @property
+    def done(self) -> bool:
+        """Whether the run is over: `run.rounds` reached, or the simulated clock at `run.budget_s`."""
+        budget = self.cfg.run.budget_s
+        return self.round >= self.cfg.run.rounds or (budget is not None and self.sim_time >= budget)
+
     def run(self, on_round=None) -> list[dict[str, Any]]:
-        """Run to `run.rounds`, writing metrics and checkpoints when there is a run directory."""
+        """Run until `done`, writing metrics and checkpoints when there is a run directory."""
         if self.round == 0 and not self.rows:
             self.rows.append({"round": 0, "sim_time_s": 0.0, "round_time_s": 0.0, "bytes_up": 0, "bytes_down": 0,
                               "bytes_wan": 0, "bytes_lan": 0, "participants": 0, **self._eval_row()})
@@ -386,12 +393,12 @@ class Simulation:
             _write_rows(self.out / "metrics.jsonl", self.rows)
         if on_round:
             on_round(self.rows[-1])
-        while self.round < self.cfg.run.rounds:
+        while not self.done:
             row = self.step()
             if self.out:
                 with open(self.out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
-                if self.round % self.cfg.run.checkpoint_every == 0 or self.round == self.cfg.run.rounds:
+                if self.round % self.cfg.run.checkpoint_every == 0 or self.done:
                     self.save_checkpoint()
             if on_round:
                 on_round(row)
@@ -410,6 +417,11 @@ class Simulation:
                      zero_shot_score=self.rows[0].get(key) if self.rows else None)
         s.update(sim_time_s=self.sim_time, bytes_up=self.meter.bytes_up, bytes_down=self.meter.bytes_down,
                  bytes_total=self.meter.bytes_up + self.meter.bytes_down)
+        budget = self.cfg.run.budget_s
+        if budget is not None:  # the score at the budget: the last evaluation at or before it
+            at = [r for r in evals if r["sim_time_s"] <= budget]
+            s.update(budget_s=budget, budget_reached=bool(self.sim_time >= budget),
+                     score_at_budget=at[-1][key] if at else None, round_at_budget=at[-1]["round"] if at else None)
         target = self.cfg.run.target_acc
         if target is not None:
             s["target_acc"] = target

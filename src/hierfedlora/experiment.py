@@ -92,6 +92,8 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
         if row["round"] > 0:
             bar.update(1)
         post = {"sim": f"{row['sim_time_s'] / 60:.1f}min"}
+        if cfg.run.budget_s is not None:
+            post["sim"] += f" of {cfg.run.budget_s / 60:.1f}"
         if last_acc:
             post[key[5:]] = f"{100 * last_acc[0]:.1f}%"
         bar.set_postfix(post)
@@ -128,6 +130,7 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         "final_acc": pct, "best_acc": pct, "zero_shot_score": pct, "final_score": pct,
         "sim_time_s": lambda v: f"{v / 60:.1f} min", "bytes_total": lambda v: f"{v / 1e6:.1f} MB",
         "time_to_target_s": lambda v: f"{v / 60:.1f} min", "wall_time_s": lambda v: f"{v:.0f} s",
+        "budget_s": lambda v: f"{v / 60:.1f} min", "score_at_budget": pct,
     }
     for k, f in fmt.items():
         if k in summary:

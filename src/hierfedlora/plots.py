@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,52 @@ def plot_curves(curves: dict[str, list[list[dict[str, Any]]]], x_key: str, path:
             ax.plot(xs, [100 * r[key] for r in ev], color=colour, alpha=0.9 if j == 0 else 0.4,
                     label=label if j == 0 else None)
     ax.set_xlabel("traffic (MB, up + down)" if x_key == "bytes" else time_axis(all_x)[1])
+    ax.set_ylabel(SCORE_LABELS.get(key, key))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def step_curve(rows: list[dict[str, Any]], key: str, grid: list[float]) -> list[float]:
+    """The score a run has at each simulated time of `grid`: its last evaluation at or before it
+    (NaN before its first evaluation and after its end)."""
+    ev = [r for r in rows if key in r]
+    end = max((r["sim_time_s"] for r in rows), default=0.0)
+    out, i = [], -1
+    for t in grid:
+        while i + 1 < len(ev) and ev[i + 1]["sim_time_s"] <= t:
+            i += 1
+        out.append(float("nan") if i < 0 or t > end else ev[i][key])
+    return out
+
+
+def plot_bands(curves: dict[str, list[list[dict[str, Any]]]], path: str | Path, title: str, key: str = "test_acc",
+               budget: float | None = None, points: int = 200) -> None:
+    """Score vs. simulated time per method: the mean over seeds of what each seed has at that time
+    (`step_curve`), a band of ± one std where there are several seeds, the budget as a line."""
+    import numpy as np
+
+    ends = [max((r["sim_time_s"] for r in rows), default=0.0) for runs in curves.values() for rows in runs]
+    top = max(ends + [budget or 0.0], default=0.0)
+    grid = [top * i / (points - 1) for i in range(points)]
+    xs, unit = time_axis(grid)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (label, runs) in enumerate(curves.items()):
+        ys = np.array([step_curve(rows, key, grid) for rows in runs]) * 100
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # columns before a seed's first evaluation
+            alive = ~np.isnan(ys).any(0)  # where every seed is still running
+            mean, sd = np.nanmean(ys, 0), np.nanstd(ys, 0, ddof=1) if len(runs) > 1 else np.zeros(len(grid))
+        x = np.array(xs)
+        ax.plot(x[alive], mean[alive], color=f"C{i % 10}", label=f"{label} (n={len(runs)})")
+        if len(runs) > 1:
+            ax.fill_between(x[alive], (mean - sd)[alive], (mean + sd)[alive], color=f"C{i % 10}", alpha=0.2)
+    if budget is not None:
+        ax.axvline(time_axis([budget, top])[0][0], color="k", ls="--", lw=1, label="budget")
+    ax.set_xlabel(unit)
     ax.set_ylabel(SCORE_LABELS.get(key, key))
     ax.set_title(title)
     ax.grid(alpha=0.3)
