@@ -29,6 +29,7 @@ import torch
 from hierfedlora import instruct
 from hierfedlora.clock import step_flops
 from hierfedlora.config import build_config
+from hierfedlora.device import instruct_eval
 from hierfedlora.device.model import find_layers, load_base
 from hierfedlora.device.train import sample_batches, torch_seed
 from hierfedlora.engine import Simulation
@@ -149,21 +150,34 @@ class Reference:
 
 
 def arithmetic_limit(sim: Simulation, depth: int) -> float:
-    """Training FLOPs of the reference (full logits at every position, forward through every layer)
-    over the engine's (LM head at the loss positions only; layers below the cache skipped once
-    cached): the most an engine doing the same arithmetic faster could not beat by skipping work."""
+    """Training FLOPs of the reference over the engine's, counted from the real batches: the
+    reference runs every layer over padded batches with full logits; the engine runs the LM head
+    at the loss positions only, a prompt prefix the batch's rows share once, and the layers below
+    its cache once per example (the fill, counted at each example's first use). What skipping work
+    alone could give training, at equal FLOP/s."""
+    from hierfedlora.device import shared_prefix
+
     cfg, w, cost, L = sim.cfg, sim.work, sim.model.cost, sim.model.num_layers
     k = sim.cached_layers
     ref = eng = 0.0
     for d in range(cfg.fleet.num_devices):
+        seen: set[int] = set()
         for rnd in range(1, cfg.run.rounds + 1):
-            for pick in sample_batches(w.parts[d], cfg.train.local_steps, cfg.train.batch_size,
-                                       (cfg.run.seed, 4004, rnd, d, 0)):
+            picks = list(sample_batches(w.parts[d], cfg.train.local_steps, cfg.train.batch_size,
+                                        (cfg.run.seed, 4004, rnd, d, 0)))
+            new = sorted({int(i) for pick in picks for i in pick} - seen)
+            seen.update(new)
+            if k and new:  # the fill: the new examples' own tokens, their shared prefix once
+                n = shared_prefix.common_prompt_length([w.ids[i] for i in new])
+                eng += sum(cost.layer_fwd_flops(len(w.ids[i]) - n) for i in new) * k + cost.layer_fwd_flops(n) * k
+            for pick in picks:
                 lens = [len(w.ids[i]) for i in pick]
                 width = max(lens)
                 resp = int(sum(len(w.ids[i]) - w.prompt_lens[i] for i in pick))
                 ref += step_flops(cost, [width] * len(pick), L, depth, 1.0, 0) + cost.head_flops(width * len(pick)) * 2
-                eng += step_flops(cost, lens, L, depth, 1.0, resp) - sum(cost.layer_fwd_flops(n) for n in lens) * k
+                n = shared_prefix.common_prompt_length([w.ids[i] for i in pick])
+                own = [x - n for x in lens] + ([n] if n else [])
+                eng += step_flops(cost, own, L - k, depth, 1.0, resp)
     return ref / eng
 
 
@@ -172,7 +186,18 @@ def run_workload(name: str, method: dict, depth: int, args) -> dict:
     sim = Simulation(cfg)
     ref = Reference(sim)
     start = {k: v.clone() for k, v in sim.state.items()}
-    t_eng = t_ref = 0.0
+    t_eng = t_ref = e_eng = e_ref = 0.0
+    measured = instruct_eval.metrics
+
+    def timed_metrics(*a, **kw):  # the engine's evaluation time, apart from its training
+        nonlocal e_eng
+        t = time.perf_counter()
+        try:
+            return measured(*a, **kw)
+        finally:
+            e_eng += time.perf_counter() - t
+
+    instruct_eval.metrics = timed_metrics
     for rnd in range(1, cfg.run.rounds + 1):  # alternate the paths round by round
         for path in (("engine", "reference") if rnd % 2 else ("reference", "engine")):
             t = time.perf_counter()
@@ -181,7 +206,9 @@ def run_workload(name: str, method: dict, depth: int, args) -> dict:
                 t_eng += time.perf_counter() - t
             else:
                 ref.train_round(rnd)
+                t1 = time.perf_counter()
                 r = ref.evaluate()
+                e_ref += time.perf_counter() - t1
                 t_ref += time.perf_counter() - t
         print(f"  {name} round {rnd}: engine acc {row['test_acc']:.4f} em {row['test_exact_match']:.4f} loss "
               f"{row['test_loss']:.5f} | reference acc {r['acc']:.4f} em {r['exact_match']:.4f} loss {r['loss']:.5f}",
@@ -194,9 +221,12 @@ def run_workload(name: str, method: dict, depth: int, args) -> dict:
     same = (rel <= 2e-3 and abs(row["test_acc"] - r["acc"]) <= 1.0 / n + 1e-12
             and abs(row["test_exact_match"] - r["exact_match"]) <= 1.0 / n + 1e-12
             and abs(row["test_loss"] - r["loss"]) <= 1e-4 * r["loss"])
+    instruct_eval.metrics = measured
     limit = arithmetic_limit(sim, depth)
     print(f"  {name}: engine {t_eng:.1f} s, reference {t_ref:.1f} s, speedup {t_ref / t_eng:.2f}x; layers below "
-          f"{sim.cached_layers} cached; training arithmetic limit {limit:.2f}x")
+          f"{sim.cached_layers} cached")
+    print(f"  {name}: training {t_eng - e_eng:.1f} s vs {t_ref - e_ref:.1f} s ({(t_ref - e_ref) / (t_eng - e_eng):.2f}x, "
+          f"arithmetic limit {limit:.2f}x), evaluation {e_eng:.1f} s vs {e_ref:.1f} s ({e_ref / e_eng:.2f}x)")
     print(f"  {name}: final adapter |engine - reference| / |update| = {rel:.1e}, test acc {row['test_acc']:.4f} vs "
           f"{r['acc']:.4f}, loss {row['test_loss']:.6f} vs {r['loss']:.6f}: {'SAME' if same else 'DIFFERENT'}", flush=True)
     return {"speedup": t_ref / t_eng, "same": same}

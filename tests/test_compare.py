@@ -194,3 +194,21 @@ def test_compare_budget_auto_runs_fedlora_first_and_scores_everyone_there(compar
     assert rows["fedlora-slow"]["score_mean"] == rows["fedlora"]["score_mean"]
     assert rows["fedlora-slow"]["diff_vs_fedlora_mean"] == 0.0
     assert "Budget:" in (out / "report.md").read_text() and (out / "accuracy_vs_time.png").stat().st_size > 0
+
+
+def test_ray_grid_gives_the_sequential_summaries_and_reuses_finished_runs(compare_cfg, tmp_path):
+    pytest.importorskip("ray")
+    common = ["--methods", "fedlora", "--seeds", "2", "--quiet", "--set", "train.threads=1"]
+    assert main(["compare", str(compare_cfg), *common, "--out", str(tmp_path / "seq")]) == 0
+    assert main(["compare", str(compare_cfg), *common, "--out", str(tmp_path / "ray"), "--jobs", "2"]) == 0
+    for label in ("fedlora",):
+        for seed in (0, 1):
+            a, b = (json.loads((tmp_path / d / label / f"seed{seed}" / "summary.json").read_text()) for d in ("seq", "ray"))
+            assert {k: v for k, v in a.items() if k != "wall_time_s"} == {k: v for k, v in b.items() if k != "wall_time_s"}
+            ma, mb = ((tmp_path / d / label / f"seed{seed}" / "metrics.jsonl").read_text() for d in ("seq", "ray"))
+            assert ma == mb
+    stamp = (tmp_path / "ray" / "fedlora" / "seed1" / "summary.json").stat().st_mtime_ns
+    assert main(["compare", str(compare_cfg), *common, "--out", str(tmp_path / "ray"), "--jobs", "2"]) == 0
+    assert (tmp_path / "ray" / "fedlora" / "seed1" / "summary.json").stat().st_mtime_ns == stamp  # reused
+    assert main(["compare", str(compare_cfg), *common, "--out", str(tmp_path / "ray"), "--jobs", "0"]) == 2
+    assert json.loads((tmp_path / "ray" / "table.json").read_text()) == json.loads((tmp_path / "seq" / "table.json").read_text())

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting for every run")
     c.add_argument("--out", help="comparison directory (default: runs/compare-<config name>)")
     c.add_argument("--budget", help="equal simulated-time budget: SECONDS, or 'auto' (when FedLoRA has converged)")
+    c.add_argument("--jobs", type=int, default=1, help="runs at once, as Ray tasks in parallel processes (default 1: one after another here)")
+    c.add_argument("--address", help="run the grid on this Ray cluster ('auto': the one this machine joined); run directories must be on a file system every node sees")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compare)
 
@@ -86,7 +88,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if not math.isfinite(budget) or budget <= 0:
             raise ConfigError(f"--budget '{args.budget}' is neither simulated seconds (> 0) nor 'auto'; "
                               "e.g. --budget 120 or --budget auto")
-    report = run_comparison(args.config, methods, args.seeds, out, args.set, progress=not args.quiet, budget=budget)
+    if args.jobs < 1:
+        raise ConfigError("--jobs must be at least 1")
+    report = run_comparison(args.config, methods, args.seeds, out, args.set, progress=not args.quiet, budget=budget,
+                            jobs=args.jobs, address=args.address)
     print(report.read_text())
     return 0
 

@@ -134,9 +134,11 @@ def method_config(raw: dict[str, Any], variants: dict[str, dict[str, Any]], labe
 
 
 def run_comparison(config_path: str | None, methods: list[str], seeds: int, out: Path, overrides: list[str],
-                   progress: bool = True, budget: float | str | None = None) -> Path:
+                   progress: bool = True, budget: float | str | None = None, jobs: int = 1,
+                   address: str | None = None) -> Path:
     """Run every (method, seed) into `out` and write its report; `budget`: simulated seconds, "auto"
-    (module docstring) or None (every run to its rounds)."""
+    (module docstring) or None (every run to its rounds). With `jobs` > 1 or a Ray cluster
+    `address`, the runs are Ray tasks, `jobs` at a time (`run_grid`); else one after another here."""
     raw, variants = read_variants(config_path)
     auto = budget == "auto"
     if auto and "fedlora" not in methods:
@@ -146,18 +148,76 @@ def run_comparison(config_path: str | None, methods: list[str], seeds: int, out:
     configs = {(label, seed): method_config(raw, variants, label, seed, overrides) for label in methods for seed in range(seeds)}
     out.mkdir(parents=True, exist_ok=True)
     seconds = None if auto else budget
-    for label, seed in sorted(configs, key=lambda k: k[0] != "fedlora"):  # FedLoRA first: auto needs it
-        if auto and label != "fedlora" and seconds is None:
+    # FedLoRA first where the budget waits for it; every other run after
+    phases = [[k for k in configs if k[0] == "fedlora"], [k for k in configs if k[0] != "fedlora"]] if auto else [list(configs)]
+    for phase in phases:
+        if auto and seconds is None and phase and phase[0][0] != "fedlora":
             seconds = _auto(out, seeds)
-        cfg = configs[(label, seed)]
-        if seconds is not None and not (auto and label == "fedlora"):
-            cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"budget_s": float(seconds)})})
-        _run_one(cfg, out / label / f"seed{seed}", progress)
+        grid = []
+        for label, seed in phase:
+            cfg = configs[(label, seed)]
+            if seconds is not None:
+                cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"budget_s": float(seconds)})})
+            grid.append((cfg, out / label / f"seed{seed}"))
+        if jobs > 1 or address:
+            run_grid(grid, jobs, address)
+        else:
+            for cfg, run_dir in grid:
+                _run_one(cfg, run_dir, progress)
     if auto and seconds is None:  # FedLoRA alone
         seconds = _auto(out, seeds)
     if seconds is not None:
         (out / "budget.json").write_text(json.dumps({"budget_s": seconds, "rule": "auto" if auto else "given"}))
     return write_report(load_runs([out]), out)
+
+
+def _ray_run(cfg_dict: dict[str, Any], run_dir: str, threads: int) -> dict[str, Any]:
+    """One run as a Ray task: in a worker process of its own, with `threads` torch threads unless
+    the config sets them; returns the run's summary."""
+    import torch
+
+    cfg = build_config(cfg_dict)
+    if not cfg.train.threads:
+        torch.set_num_threads(threads)
+    _run_one(cfg, Path(run_dir), progress=False)
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def run_grid(grid: list[tuple[ExperimentConfig, Path]], jobs: int, address: str | None = None) -> None:
+    """Run (config, run directory) pairs as Ray tasks: on this machine, `jobs` at a time (each
+    with cores / jobs threads), or on the Ray cluster at `address` ("auto": the one this machine
+    belongs to; `jobs` at a time per node), whose nodes must all see the run directories (a shared
+    file system). Each task does exactly what the sequential path does (`_run_one`: reuse, extend,
+    resume), so results are the same; the driver prints each run as it finishes."""
+    import os
+
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("compare --jobs/--address runs the grid on Ray, which is not installed: "
+                          'pip install -e ".[simulation]" (or run with --jobs 1).') from None
+    started = not ray.is_initialized()
+    if started:
+        kw: dict[str, Any] = {"address": address} if address else {"num_cpus": os.cpu_count() or 1}
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kw)
+    try:
+        # threads per run: this machine's cores / jobs; on a cluster, the smallest node's / jobs
+        nodes = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")] or [1]
+        per = max(1, int(min(nodes)) // jobs)
+        task = ray.remote(num_cpus=per)(_ray_run)
+        pending = {task.remote(cfg.to_dict(), str(run_dir), per): run_dir for cfg, run_dir in grid}
+        done = 0
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            run_dir = pending.pop(ready[0])
+            s = ray.get(ready[0])  # a failed run raises here, with its error
+            done += 1
+            score = s.get("score_at_budget", s.get("final_score", s.get("final_acc")))
+            print(f"[{done}/{len(grid)}] {run_dir}: score {100 * score:.2f}% at {s['sim_time_s']:.1f} simulated s"
+                  if score is not None else f"[{done}/{len(grid)}] {run_dir}: finished", flush=True)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _auto(out: Path, seeds: int) -> float:
