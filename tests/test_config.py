@@ -92,3 +92,23 @@ def test_the_cli_turns_bad_values_into_one_line(capsys):
     assert main(["run", "--set", "train.lr=inf", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "train.lr" in err and "Traceback" not in err
+
+
+def test_bad_devices_files_and_directories_are_named_before_anything_is_written(tmp_path, capsys):
+    import torch
+
+    from hierfedlora.cli import main
+
+    assert main(["run", "--set", "train.device=gpu", "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    assert "'gpu' is not a device: use auto, cpu, cuda" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["run", "--set", "train.device=cuda", "--out", str(tmp_path / "b"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert 'train.device = "cuda" but' in err and 'use train.device = "cpu"' in err and "Traceback" not in err
+        assert not (tmp_path / "b").exists()  # refused before the run directory was made
+    assert main(["compare", str(tmp_path / "nosuch.toml"), "--methods", "fedlora", "--out", str(tmp_path / "c")]) == 2
+    assert "config file" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    (tmp_path / "afile").write_text("keep me")
+    assert main(["run", "--set", "run.rounds=1", "--out", str(tmp_path / "afile"), "--quiet"]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "keep me"

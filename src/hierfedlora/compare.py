@@ -117,7 +117,13 @@ def read_variants(config_path: str | Path | None) -> tuple[dict[str, Any], dict[
     """(raw config without `variants`, {label: method table})."""
     if config_path is None:
         return {}, {}
-    raw = tomllib.loads(Path(config_path).read_text())
+    p = Path(config_path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' not found (see configs/ for examples).")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file '{p}' is not valid TOML: {e}") from None
     variants = raw.pop("variants", {})
     for label, table in variants.items():
         if "name" not in table:

@@ -11,6 +11,7 @@ model and this file dispatches on `method.name` (see `hierfedlora.strategies.reg
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -105,6 +106,13 @@ class TrainConfig(_Section):
     workers: int = Field(1, ge=0, description="Processes that run device jobs (0 = one per CPU core); same results, faster on multi-core CPUs.")
     lockstep: int = Field(8, ge=1, description="Devices of the same plan shape trained together in one forward and backward per step (1 = one at a time); same results, fewer operations.")
 
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", v):
+            raise ValueError(f"'{v}' is not a device: use auto, cpu, cuda, cuda:N or mps")
+        return v
 
 class RunConfig(_Section):
     seed: int = Field(0, ge=0, lt=2**32, description="Seeds data split, partition, fleet draw, model init and training.")

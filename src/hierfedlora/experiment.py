@@ -32,7 +32,9 @@ def resume_config(out: Path, config: str | None, overrides: list[str]) -> Experi
 
 
 def check_run_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to clobber an earlier run in `out` unless asked to."""
+    """Refuse to clobber an earlier run in `out` unless asked to (or to use a file as one)."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"run directory '{out}' is a file, not a directory; pick another --out.")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"run directory '{out}' already holds a run; use --resume {out} to continue it, "
                               "--overwrite to replace it, or --out to pick another directory.")
@@ -75,6 +77,9 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
     from hierfedlora.plots import plot_accuracy
 
     if not resume:
+        from hierfedlora.device.model import resolve_device
+
+        resolve_device(cfg.train.device)  # a device this machine lacks fails before the run directory exists
         prepare_run_dir(cfg, out, overwrite)
     t0 = time.perf_counter()
     sim = Simulation(cfg, out, executor=executor)

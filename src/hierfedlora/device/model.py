@@ -67,10 +67,17 @@ def task_type(causal: bool):
 
 
 def resolve_device(setting: str) -> str:
-    """`train.device` as torch names it: "auto" is "cuda" where a GPU is visible, else "cpu"."""
-    if setting != "auto":
-        return setting
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """`train.device` as torch names it: "auto" is "cuda" where a GPU is visible, else "cpu"; a
+    CUDA device this machine's PyTorch cannot use is refused by name."""
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"train.device = \"{setting}\" but {why}; use train.device = \"cpu\" (or \"auto\").")
+    if setting.startswith("cuda:") and int(setting[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"train.device = \"{setting}\" but this machine has {torch.cuda.device_count()} CUDA "
+                         "device(s), numbered from 0.")
+    return setting
 
 
 def package_dir(package: str, install_hint: str) -> Path:
