@@ -79,3 +79,28 @@ def test_adapter_reloads_in_peft_to_same_accuracy(tiny_cfg, tmp_path, adapter_ac
     sim = Simulation(cfg)  # same data and test split
     assert adapter_accuracy(model, sim.test_batches) == pytest.approx(summary["final_acc"], abs=1e-9)
     assert sorted(labels) == ["neg", "pos"]
+
+
+def test_setup_errors_come_before_the_run_directory_and_overwrite_replaces_last(tiny_cfg, tmp_path, capsys):
+    from hierfedlora.config import dump_config
+
+    out = tmp_path / "r"
+    # 9 groups of 4 devices: valid as a config, refused when the method is set up
+    dump_config(tiny_cfg(**{"run.rounds": 1, "method.name": "hierfedlora", "method.num_groups": 9}), tmp_path / "bad.toml")
+    assert main(["run", str(tmp_path / "bad.toml"), "--out", str(out), "--quiet"]) == 2
+    assert "num_groups = 9 exceeds fleet.num_devices" in capsys.readouterr().err and not out.exists()
+    cfg = tiny_cfg(**{"run.rounds": 1, "method.name": "hierfedlora", "method.num_groups": 2})
+    run_experiment(cfg, out, progress=False, export=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert {"arms.png", "grouping.json", "summary.json"} <= set(before)
+    # a bad config with --overwrite: refused at set-up, the old run untouched
+    assert main(["run", str(tmp_path / "bad.toml"), "--out", str(out), "--overwrite", "--quiet"]) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # a good one replaces all of it: no arms.png or grouping.json of the old run is left behind
+    run_experiment(tiny_cfg(**{"run.rounds": 1}), out, overwrite=True, progress=False, export=False)
+    assert not (out / "arms.png").exists() and not (out / "grouping.json").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a run")
+    with pytest.raises(FileExistsError, match="no run"):
+        run_experiment(tiny_cfg(**{"run.rounds": 1}), tmp_path / "mine", overwrite=True, progress=False, export=False)
+    assert (tmp_path / "mine" / "notes.txt").exists()

@@ -8,6 +8,7 @@ the run's own config) live here once, so the front ends cannot drift apart.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,12 +33,17 @@ def resume_config(out: Path, config: str | None, overrides: list[str]) -> Experi
 
 
 def check_run_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to clobber an earlier run in `out` unless asked to (or to use a file as one)."""
+    """Refuse to clobber an earlier run in `out` unless asked to, and never a directory that holds
+    files but no run (or a file)."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"run directory '{out}' is a file, not a directory; pick another --out.")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"run directory '{out}' already holds a run; use --resume {out} to continue it, "
-                              "--overwrite to replace it, or --out to pick another directory.")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"run directory '{out}' already holds a run; use --resume {out} to continue it, "
+                                  "--overwrite to replace it, or --out to pick another directory.")
+        if not (out / "config.toml").is_file():
+            raise FileExistsError(f"'{out}' holds files but no run (no config.toml); --overwrite replaces run "
+                                  "directories only: pick another --out.")
 
 
 def select_run(config: str | None, overrides: list[str], out: str | None, resume: str | None, overwrite: bool,
@@ -55,12 +61,15 @@ def select_run(config: str | None, overrides: list[str], out: str | None, resume
 
 
 def prepare_run_dir(cfg: ExperimentConfig, out: Path, overwrite: bool) -> None:
-    """Create the run directory (see `check_run_dir`) and write the resolved config into it."""
-    from hierfedlora.engine import CHECKPOINT
-
+    """Create the run directory (see `check_run_dir`) and write the resolved config into it; with
+    `overwrite`, everything of the run it held goes first (plots and method outputs too)."""
     check_run_dir(out, overwrite)
-    for name in ("metrics.jsonl", CHECKPOINT, "summary.json"):
-        (out / name).unlink(missing_ok=True)
+    if out.is_dir():
+        for p in out.iterdir():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.toml")
 
@@ -77,12 +86,13 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
     from hierfedlora.plots import plot_accuracy
 
     if not resume:
-        from hierfedlora.device.model import resolve_device
-
-        resolve_device(cfg.train.device)  # a device this machine lacks fails before the run directory exists
-        prepare_run_dir(cfg, out, overwrite)
+        check_run_dir(out, overwrite)
     t0 = time.perf_counter()
+    # every setup error (data, model, device, groups, depths) surfaces here, before anything is
+    # written: a corrected rerun is not refused, and --overwrite replaces the old run only now
     sim = Simulation(cfg, out, executor=executor)
+    if not resume:
+        prepare_run_dir(cfg, out, overwrite)
     if resume and (out / CHECKPOINT).exists():
         sim.load_checkpoint(out / CHECKPOINT)
     bar = tqdm(total=cfg.run.rounds, initial=sim.round, desc=sim.method, unit="round",
