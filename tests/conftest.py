@@ -102,3 +102,28 @@ def tiny_llm_cfg(instruct_csv, tiny_cfg):
         return tiny_cfg(**{**base, **overrides})
 
     return make
+
+
+@pytest.fixture
+def interrupted_run():
+    """Run `cfg` into a fresh run directory `out` as `hierfedlora run` would, and kill it (an
+    exception from the progress callback) once round `after` is written."""
+    from hierfedlora.engine import Simulation
+    from hierfedlora.experiment import prepare_run_dir
+
+    class Killed(Exception):
+        pass
+
+    def kill_after(row):
+        if row["round"] == state["after"]:
+            raise Killed
+
+    state = {}
+
+    def run(cfg, out: Path, after: int) -> None:
+        state["after"] = after
+        prepare_run_dir(cfg, out, overwrite=False)
+        with pytest.raises(Killed):
+            Simulation(cfg, out).run(kill_after)
+
+    return run

@@ -3,11 +3,9 @@ the budget, is evaluated there, reports the score at the budget, and resumes to 
 
 import json
 
-import pytest
-
 from hierfedlora.cli import main
 from hierfedlora.engine import Simulation
-from hierfedlora.experiment import prepare_run_dir, run_experiment
+from hierfedlora.experiment import run_experiment
 
 
 def test_budgeted_run_stops_at_the_first_round_that_crosses_and_evaluates_there(tiny_cfg):
@@ -34,22 +32,12 @@ def test_round_cap_before_the_budget_is_reported(tiny_cfg):
     assert sim.summary()["budget_reached"] is False
 
 
-def test_resumed_budgeted_run_equals_uninterrupted(tiny_cfg, tmp_path):
+def test_resumed_budgeted_run_equals_uninterrupted(tiny_cfg, tmp_path, interrupted_run):
     probe = Simulation(tiny_cfg(**{"run.rounds": 6})).run()
     cfg = tiny_cfg(**{"run.rounds": 50, "run.eval_every": 2, "run.checkpoint_every": 2,
                       "run.budget_s": float(probe[4]["sim_time_s"] + probe[5]["sim_time_s"]) / 2})
     run_experiment(cfg, tmp_path / "a", progress=False, export=False)
-
-    class Killed(Exception):
-        pass
-
-    def kill_after_3(row):
-        if row["round"] == 3:
-            raise Killed
-
-    prepare_run_dir(cfg, tmp_path / "b", overwrite=False)
-    with pytest.raises(Killed):
-        Simulation(cfg, tmp_path / "b").run(kill_after_3)
+    interrupted_run(cfg, tmp_path / "b", after=3)
     assert main(["run", "--resume", str(tmp_path / "b"), "--quiet"]) == 0
     read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert read(tmp_path / "a") == read(tmp_path / "b") and read(tmp_path / "a")[-1]["round"] == 5

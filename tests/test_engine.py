@@ -5,7 +5,7 @@ import pytest
 from hierfedlora.adapter import load_adapter
 from hierfedlora.cli import main
 from hierfedlora.engine import CHECKPOINT, CheckpointError, Simulation
-from hierfedlora.experiment import prepare_run_dir, run_experiment
+from hierfedlora.experiment import run_experiment
 
 
 def read_rows(path):
@@ -33,20 +33,10 @@ def test_bytes_equal_the_tensors_sent(tiny_cfg):
     assert per_device == (4 * 512 + 66) * 4
 
 
-def test_resume_equals_uninterrupted(tiny_cfg, tmp_path):
+def test_resume_equals_uninterrupted(tiny_cfg, tmp_path, interrupted_run):
     cfg = tiny_cfg(**{"run.rounds": 4, "run.eval_every": 2, "run.checkpoint_every": 2})
     run_experiment(cfg, tmp_path / "a", progress=False, export=False)
-
-    class Killed(Exception):
-        pass
-
-    def kill_after_3(row):
-        if row["round"] == 3:
-            raise Killed
-
-    prepare_run_dir(cfg, tmp_path / "b", overwrite=False)
-    with pytest.raises(Killed):
-        Simulation(cfg, tmp_path / "b").run(kill_after_3)
+    interrupted_run(cfg, tmp_path / "b", after=3)
     assert len(read_rows(tmp_path / "b" / "metrics.jsonl")) == 4  # rounds 0..3 written; checkpoint at 2
     assert main(["run", "--resume", str(tmp_path / "b"), "--quiet"]) == 0
     assert read_rows(tmp_path / "a" / "metrics.jsonl") == read_rows(tmp_path / "b" / "metrics.jsonl")

@@ -12,7 +12,7 @@ from hierfedlora.adapter import load_adapter
 from hierfedlora.cli import main
 from hierfedlora.device import instruct_eval
 from hierfedlora.engine import Simulation
-from hierfedlora.experiment import prepare_run_dir, run_experiment
+from hierfedlora.experiment import run_experiment
 from hierfedlora.lora_state import to_device
 
 METHODS = {
@@ -85,20 +85,10 @@ def test_generate_command(tiny_llm_cfg, tiny_cfg, tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nothing")]) == 2
 
 
-def test_causal_lm_resume_equals_uninterrupted(tiny_llm_cfg, tmp_path):
+def test_causal_lm_resume_equals_uninterrupted(tiny_llm_cfg, tmp_path, interrupted_run):
     cfg = tiny_llm_cfg(**{"run.rounds": 3, "run.eval_every": 1, "run.checkpoint_every": 1})
     run_experiment(cfg, tmp_path / "a", progress=False, export=False)
-
-    class Killed(Exception):
-        pass
-
-    def kill_after_2(row):
-        if row["round"] == 2:
-            raise Killed
-
-    prepare_run_dir(cfg, tmp_path / "b", overwrite=False)
-    with pytest.raises(Killed):
-        Simulation(cfg, tmp_path / "b").run(kill_after_2)
+    interrupted_run(cfg, tmp_path / "b", after=2)
     assert main(["run", "--resume", str(tmp_path / "b"), "--quiet"]) == 0
     assert rows(tmp_path / "a" / "metrics.jsonl") == rows(tmp_path / "b" / "metrics.jsonl")
 

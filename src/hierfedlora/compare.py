@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from hierfedlora.config import ConfigError, ExperimentConfig, build_config, dump_config, load_config
+from hierfedlora.config import ConfigError, ExperimentConfig, build_config, dump_config, load_config, read_toml
 
 TARGET_FRACTION = 0.95
 CONVERGED_SPAN = 0.01  # --budget auto: FedLoRA's last three evaluations within one point
@@ -117,13 +117,7 @@ def read_variants(config_path: str | Path | None) -> tuple[dict[str, Any], dict[
     """(raw config without `variants`, {label: method table})."""
     if config_path is None:
         return {}, {}
-    p = Path(config_path)
-    if not p.is_file():
-        raise ConfigError(f"config file '{p}' not found (see configs/ for examples).")
-    try:
-        raw = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file '{p}' is not valid TOML: {e}") from None
+    raw = read_toml(config_path)
     variants = raw.pop("variants", {})
     for label, table in variants.items():
         if "name" not in table:
@@ -401,7 +395,7 @@ def write_report(runs: list[Run], out: Path, target: float | None = None, budget
     by = _by_label(runs)
     curves = {lab: [r.rows for r in rs] for lab, rs in by.items()}
     key = runs[0].key
-    plots.plot_bands(curves, out / "accuracy_vs_time.png", f"score vs. simulated time (mean ± std over seeds)", key,
+    plots.plot_bands(curves, out / "accuracy_vs_time.png", "score vs. simulated time (mean ± std over seeds)", key,
                      budget=budget)
     plots.plot_curves(curves, "bytes", out / "accuracy_vs_traffic.png", "score vs. traffic", key)
     plots.plot_bars({r["method"]: r["time_to_target_s"] for r in rows}, out / "time_to_target.png",

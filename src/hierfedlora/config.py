@@ -218,17 +218,19 @@ def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> Exp
     return cfg
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A config file's tables, or a named error when it is missing or not TOML."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' not found (see configs/ for examples).")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file '{p}' is not valid TOML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' not found (see configs/ for examples).")
-        try:
-            raw = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file '{p}' is not valid TOML: {e}") from None
-    return build_config(raw, overrides)
+    return build_config(read_toml(path) if path is not None else {}, overrides)
 
 
 def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
