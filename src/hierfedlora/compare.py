@@ -252,8 +252,9 @@ def _run_one(cfg: ExperimentConfig, run_dir: Path, progress: bool) -> None:
         run_experiment(cfg, run_dir, resume=True, progress=show)
         return
     resume = (run_dir / CHECKPOINT).exists()
-    if resume:
-        dump_config(cfg, run_dir / "config.toml")  # the same run; only its stopping rule may differ
+    old = run_dir / "config.toml"
+    if resume and old.is_file() and config_fingerprint(load_config(old)) == config_fingerprint(cfg):
+        dump_config(cfg, old)  # the same run; only its stopping rule may differ (else resuming refuses it)
     run_experiment(cfg, run_dir, resume=resume, overwrite=not resume, progress=show)
 
 
