@@ -190,6 +190,10 @@ def test_compare_budget_auto_runs_fedlora_first_and_scores_everyone_there(compar
     slow = [r for r in runs if r.label == "fedlora-slow"]
     # the variant is FedLoRA itself: stopped at the budget, its score there equals FedLoRA's
     assert all(r.summary["budget_s"] == budget and r.summary["sim_time_s"] >= budget for r in slow)
+    import tomllib
+
+    caps = [tomllib.loads((r.path / "config.toml").read_text())["run"]["rounds"] for r in slow]
+    assert caps == [80, 80]  # a budgeted run's round cap: 10 x run.rounds (the budget stops it)
     rows = {r["method"]: r for r in json.loads((out / "table.json").read_text())["rows"]}
     assert rows["fedlora-slow"]["score_mean"] == rows["fedlora"]["score_mean"]
     assert rows["fedlora-slow"]["diff_vs_fedlora_mean"] == 0.0

@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting for every run")
     c.add_argument("--out", help="comparison directory (default: runs/compare-<config name>)")
     c.add_argument("--budget", help="equal simulated-time budget: SECONDS, or 'auto' (when FedLoRA has converged)")
+    c.add_argument("--max-rounds", type=int, help="round cap of budgeted runs (default: 10 x run.rounds; the budget stops them)")
     c.add_argument("--jobs", type=int, default=1, help="runs at once, as Ray tasks in parallel processes (default 1: one after another here)")
     c.add_argument("--address", help="run the grid on this Ray cluster ('auto': the one this machine joined); run directories must be on a file system every node sees")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -90,8 +91,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
                               "e.g. --budget 120 or --budget auto")
     if args.jobs < 1:
         raise ConfigError("--jobs must be at least 1")
+    if args.max_rounds is not None and args.max_rounds < 1:
+        raise ConfigError("--max-rounds must be at least 1")
     report = run_comparison(args.config, methods, args.seeds, out, args.set, progress=not args.quiet, budget=budget,
-                            jobs=args.jobs, address=args.address)
+                            jobs=args.jobs, address=args.address, max_rounds=args.max_rounds)
     print(report.read_text())
     return 0
 

@@ -12,10 +12,11 @@ A method in `--methods` is a registered method name or a variant defined in the 
 
 **Equal budgets.** Methods finish the same number of rounds at very different simulated times, so
 with `--budget SECONDS` every run goes until its simulated clock reaches the budget (`run.budget_s`;
-`run.rounds` is then a cap) and is scored by its last evaluation at or before the budget. With
-`--budget auto` FedLoRA runs first, to its rounds, and the budget is the simulated time by which
-its last three evaluations lie within one point (`CONVERGED_SPAN`) in every seed; a seed where
-that never happens sets the budget to its end and is flagged as not converged.
+its round cap is `--max-rounds`, by default 10 × `run.rounds`) and is scored by its last evaluation
+at or before the budget. With `--budget auto` FedLoRA runs first, to its `run.rounds`, and the
+budget is the simulated time by which its last three evaluations lie within one point
+(`CONVERGED_SPAN`) in every seed; a seed where that never happens sets the budget to its end and is
+flagged as not converged.
 
 **Seeds.** Per method the report gives the score mean ± std and a 95% t-interval over seeds, the
 paired difference to FedLoRA seed by seed with its interval, and time and traffic (WAN and LAN
@@ -40,6 +41,7 @@ from hierfedlora.config import ConfigError, ExperimentConfig, build_config, dump
 TARGET_FRACTION = 0.95
 CONVERGED_SPAN = 0.01  # --budget auto: FedLoRA's last three evaluations within one point
 CONFIDENCE = 0.95
+BUDGET_ROUNDS_FACTOR = 10  # a budgeted run's round cap: this × run.rounds, unless --max-rounds
 
 
 @dataclass
@@ -135,7 +137,7 @@ def method_config(raw: dict[str, Any], variants: dict[str, dict[str, Any]], labe
 
 def run_comparison(config_path: str | None, methods: list[str], seeds: int, out: Path, overrides: list[str],
                    progress: bool = True, budget: float | str | None = None, jobs: int = 1,
-                   address: str | None = None) -> Path:
+                   address: str | None = None, max_rounds: int | None = None) -> Path:
     """Run every (method, seed) into `out` and write its report; `budget`: simulated seconds, "auto"
     (module docstring) or None (every run to its rounds). With `jobs` > 1 or a Ray cluster
     `address`, the runs are Ray tasks, `jobs` at a time (`run_grid`); else one after another here."""
@@ -156,8 +158,9 @@ def run_comparison(config_path: str | None, methods: list[str], seeds: int, out:
         grid = []
         for label, seed in phase:
             cfg = configs[(label, seed)]
-            if seconds is not None:
-                cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"budget_s": float(seconds)})})
+            if seconds is not None:  # the budget stops the run; its round cap only guards against a runaway
+                cap = max_rounds or BUDGET_ROUNDS_FACTOR * cfg.run.rounds
+                cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"budget_s": float(seconds), "rounds": cap})})
             grid.append((cfg, out / label / f"seed{seed}"))
         if jobs > 1 or address:
             run_grid(grid, jobs, address)
