@@ -52,6 +52,19 @@ class DecoderPrefix:
         finally:
             self.body.layers = full
 
+    @contextlib.contextmanager
+    def _below(self):
+        """The cached layers as the stack; yields the list their last layer's outputs go to (what
+        the cache holds: the stack's final norm comes after)."""
+        below = nn.ModuleList(list(self.layers)[:self.cached_layers])
+        out: list[torch.Tensor] = []
+        hook = below[-1].register_forward_hook(lambda m, a, o: out.append(o[0] if isinstance(o, tuple) else o))
+        try:
+            with self._stack(below):
+                yield out
+        finally:
+            hook.remove()
+
     def serves(self, payload: State, ranks: dict[int, int], modules: list[str]) -> bool:
         """Whether a payload leaves every layer below the cache without a LoRA update."""
         for l in range(self.cached_layers):
@@ -75,35 +88,29 @@ class DecoderPrefix:
                     new[e] = x[:int(m.sum())]
         if not new:
             return
-        below = nn.ModuleList(list(self.layers)[:self.cached_layers])
-        out: list[torch.Tensor] = []  # below[-1]'s outputs (the stack's final norm is not cached)
-        hook = below[-1].register_forward_hook(lambda m, a, o: out.append(o[0] if isinstance(o, tuple) else o))
         keys = sorted(new, key=lambda e: len(new[e]))
         shared = shared_prefix.common_prompt_length([new[e] for e in keys])
-        try:
-            with self._stack(below):
+        with self._below() as out:
+            if shared:
+                _, cache = shared_prefix.prefill(self.body, shared, input_ids=new[keys[0]][None].to(device))
+                head = out[0][0]  # the shared positions' rows, from the hook
+            for s in range(0, len(keys), chunk):
+                if self.used >= self.budget:
+                    break
+                part = keys[s:s + chunk]
+                ids = nn.utils.rnn.pad_sequence([new[e] for e in part], batch_first=True).to(device)
+                mask = nn.utils.rnn.pad_sequence([torch.ones(len(new[e]), dtype=torch.long) for e in part],
+                                                 batch_first=True).to(device)
+                out.clear()
                 if shared:
-                    _, cache = shared_prefix.prefill(self.body, shared, input_ids=new[keys[0]][None].to(device))
-                    head = out[0][0]  # the shared positions' rows, from the hook
-                for s in range(0, len(keys), chunk):
-                    if self.used >= self.budget:
-                        break
-                    part = keys[s:s + chunk]
-                    ids = nn.utils.rnn.pad_sequence([new[e] for e in part], batch_first=True).to(device)
-                    mask = nn.utils.rnn.pad_sequence([torch.ones(len(new[e]), dtype=torch.long) for e in part],
-                                                     batch_first=True).to(device)
-                    out.clear()
-                    if shared:
-                        shared_prefix.rest(self.body, mask, shared, cache, input_ids=ids)
-                    else:
-                        self.body(input_ids=ids, attention_mask=mask, use_cache=False)
-                    for k, e in enumerate(part):
-                        tail = out[0][k, :len(new[e]) - shared]
-                        row = (torch.cat([head, tail]) if shared else tail).detach().clone()
-                        self.rows[e] = row
-                        self.used += row.numel() * row.element_size()
-        finally:
-            hook.remove()
+                    shared_prefix.rest(self.body, mask, shared, cache, input_ids=ids)
+                else:
+                    self.body(input_ids=ids, attention_mask=mask, use_cache=False)
+                for k, e in enumerate(part):
+                    tail = out[0][k, :len(new[e]) - shared]
+                    row = (torch.cat([head, tail]) if shared else tail).detach().clone()
+                    self.rows[e] = row
+                    self.used += row.numel() * row.element_size()
         self.seconds += time.perf_counter() - t0
 
     def covers(self, batch: dict[str, torch.Tensor]) -> bool:
@@ -125,7 +132,6 @@ class DecoderPrefix:
                     return shared_prefix.forward(self.body, mask, shared, inputs_embeds=x)
             return self.body(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
 
-
     @torch.no_grad()
     def prompt_kv(self, ids: torch.Tensor, mask: torch.Tensor, shared: int, device: torch.device):
         """`LocalModel.prompt_kv` for a model this cache serves: the cached layers' keys and values
@@ -134,19 +140,13 @@ class DecoderPrefix:
         from transformers import DynamicCache
 
         key = (tuple(ids.shape), shared, hashlib.sha1(ids.cpu().numpy().tobytes()).hexdigest())
-        below = nn.ModuleList(list(self.layers)[:self.cached_layers])
         above = nn.ModuleList(list(self.layers)[self.cached_layers:])
         if key in self.prompts:
             lower, x = self.prompts[key]
             self.prompt_hits += 1
         else:
-            out: list[torch.Tensor] = []
-            hook = below[-1].register_forward_hook(lambda m, a, o: out.append(o[0] if isinstance(o, tuple) else o))
-            try:
-                with self._stack(below):
-                    cache = shared_prefix.prompt_cache(self.body, ids, mask, shared)
-            finally:
-                hook.remove()
+            with self._below() as out:
+                cache = shared_prefix.prompt_cache(self.body, ids, mask, shared)
             lower = [(layer.keys, layer.values) for layer in cache.layers[:self.cached_layers]]
             x = torch.cat([out[0].expand(len(ids), -1, -1), out[1]], dim=1) if shared else out[0]
             size = sum(k.numel() + v.numel() for k, v in lower) * x.element_size() + x.numel() * x.element_size()
