@@ -2,6 +2,7 @@
 plain transformers forward (no `hierfedlora.fast`)."""
 
 import numpy as np
+import pytest
 import torch
 
 from hierfedlora.data import collate
@@ -76,8 +77,13 @@ def test_a_job_trains_only_its_layers_and_the_executor_gives_what_run_job_gives(
 
 
 def test_resolve_device():
-    assert resolve_device("cpu") == "cpu" and resolve_device("cuda") == "cuda"
+    assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        assert resolve_device("cuda") == "cuda"
+    else:  # a device this machine lacks is refused by name, with the fix
+        with pytest.raises(ValueError, match=r'train.device = "cuda" but .*use train.device = "cpu"'):
+            resolve_device("cuda")
 
 
 def test_wrapping_a_model_in_peft_prints_no_deprecation_warning_of_peft():
