@@ -60,16 +60,18 @@ def select_run(config: str | None, overrides: list[str], out: str | None, resume
     return cfg, path
 
 
-def prepare_run_dir(cfg: ExperimentConfig, out: Path, overwrite: bool) -> None:
-    """Create the run directory (see `check_run_dir`) and write the resolved config into it; with
-    `overwrite`, everything of the run it held goes first (plots and method outputs too)."""
-    check_run_dir(out, overwrite)
-    if out.is_dir():
-        for p in out.iterdir():
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+def prepare_run_dir(cfg: ExperimentConfig, out: Path, overwrite: bool, old: list[Path] | None = None) -> None:
+    """Create the run directory and write the resolved config into it; with `overwrite`, everything
+    of the run it held goes first (plots and method outputs too). `old`: those entries, listed when
+    `check_run_dir` passed (default: check and list now)."""
+    if old is None:
+        check_run_dir(out, overwrite)
+        old = list(out.iterdir()) if out.is_dir() else []
+    for p in old:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.toml")
 
@@ -87,12 +89,14 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
 
     if not resume:
         check_run_dir(out, overwrite)
+        old = list(out.iterdir()) if out.is_dir() else []  # the run --overwrite replaces
     t0 = time.perf_counter()
     # every setup error (data, model, device, groups, depths) surfaces here, before anything is
     # written: a corrected rerun is not refused, and --overwrite replaces the old run only now
+    # (set-up may have put its data cache under `out`: that stays)
     sim = Simulation(cfg, out, executor=executor)
     if not resume:
-        prepare_run_dir(cfg, out, overwrite)
+        prepare_run_dir(cfg, out, overwrite, old=old)
     if resume and (out / CHECKPOINT).exists():
         sim.load_checkpoint(out / CHECKPOINT)
     bar = tqdm(total=cfg.run.rounds, initial=sim.round, desc=sim.method, unit="round",
