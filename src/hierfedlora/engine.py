@@ -31,6 +31,7 @@ from hierfedlora.device.executor import LocalExecutor
 from hierfedlora.device.instruct_eval import EvalSet
 from hierfedlora.device.model import load_base, load_tokenizer, resolve_device
 from hierfedlora.device.train import FleetData
+from hierfedlora.errors import CheckpointError, DataError, PlanError
 from hierfedlora.fast.joined import JoinedExecutor
 from hierfedlora.fast.model import FastModel
 from hierfedlora.fast.prefix_cache import PrefixCache
@@ -43,14 +44,6 @@ from hierfedlora.strategies.registry import get_strategy, trainer_options
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    pass
-
-
-class PlanError(ValueError):
-    """A device was asked to run a plan it cannot (e.g. beyond its memory)."""
 
 
 @dataclasses.dataclass
@@ -110,7 +103,7 @@ def build_workload(cfg: ExperimentConfig, tokenizer, embedding: torch.Tensor | N
     parts = [np.sort(train[idx]) for idx in local]
     empty = [i for i, q in enumerate(parts) if len(q) == 0]
     if empty:
-        raise ValueError(f"devices {empty} received no data; lower fleet.num_devices or use a milder partition.")
+        raise DataError(f"devices {empty} received no data; lower fleet.num_devices or use a milder partition.")
     return Workload(names, ids, labels, train, val, test, parts, tokenizer.pad_token_id, **extra)
 
 

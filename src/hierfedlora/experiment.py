@@ -14,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hierfedlora.config import ConfigError, ExperimentConfig, dump_config, load_config
+from hierfedlora.config import ExperimentConfig, dump_config, load_config
+from hierfedlora.errors import ConfigError, RunDirError
 
 
 def default_out(config_path: str | None, suffix: str = "", prefix: str = "") -> Path:
@@ -36,13 +37,13 @@ def check_run_dir(out: Path, overwrite: bool) -> None:
     """Refuse to clobber an earlier run in `out` unless asked to, and never a directory that holds
     files but no run (or a file)."""
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"run directory '{out}' is a file, not a directory; pick another --out.")
+        raise RunDirError(f"run directory '{out}' is a file, not a directory; pick another --out.")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"run directory '{out}' already holds a run; use --resume {out} to continue it, "
+            raise RunDirError(f"run directory '{out}' already holds a run; use --resume {out} to continue it, "
                                   "--overwrite to replace it, or --out to pick another directory.")
         if not (out / "config.toml").is_file():
-            raise FileExistsError(f"'{out}' holds files but no run (no config.toml); --overwrite replaces run "
+            raise RunDirError(f"'{out}' holds files but no run (no config.toml); --overwrite replaces run "
                                   "directories only: pick another --out.")
 
 

@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hierfedlora.errors import ConfigError
+
 MBIT = 1e6 / 8  # bytes per second in one Mbit/s
 
 
@@ -110,23 +112,23 @@ def load_fleet_file(path: str | Path) -> list[DeviceProfile]:
     try:
         raw = tomllib.loads(p.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"fleet file '{p}' could not be read: {e}") from None
+        raise ConfigError(f"fleet file '{p}' could not be read: {e}") from None
     tables = raw.get("device")
     if not isinstance(tables, list) or not tables:
-        raise ValueError(f"fleet file '{p}' has no [[device]] tables (see the format in the README).")
+        raise ConfigError(f"fleet file '{p}' has no [[device]] tables (see the format in the README).")
     out: list[DeviceProfile] = []
     for i, t in enumerate(tables):
         for k in t:
             if k not in _FILE_KEYS:
                 close = difflib.get_close_matches(k, sorted(_FILE_KEYS), n=1)
                 hint = f" Did you mean '{close[0]}'?" if close else ""
-                raise ValueError(f"fleet file '{p}', device {i}: unknown key '{k}'.{hint}")
+                raise ConfigError(f"fleet file '{p}', device {i}: unknown key '{k}'.{hint}")
         for k in ("flops", "memory_gb", "wan_up_mbps"):
             if k not in t:
-                raise ValueError(f"fleet file '{p}', device {i}: missing required key '{k}'.")
+                raise ConfigError(f"fleet file '{p}', device {i}: missing required key '{k}'.")
         vals = {k: float(v) for k, v in t.items() if k not in ("kind", "count")}
         if any(v <= 0 for k, v in vals.items() if k != "wan_latency_ms" and k != "lan_latency_ms"):
-            raise ValueError(f"fleet file '{p}', device {i}: flops, memory and bandwidths must be > 0.")
+            raise ConfigError(f"fleet file '{p}', device {i}: flops, memory and bandwidths must be > 0.")
         up = vals["wan_up_mbps"]
         prof = DeviceProfile(
             kind=str(t.get("kind", f"device{i}")),
@@ -159,9 +161,9 @@ def build_fleet(name: str, num_devices: int, seed: int) -> list[DeviceProfile]:
     elif name.endswith(".toml"):
         pool = load_fleet_file(name)
     else:
-        raise ValueError(f"unknown fleet '{name}': use 'jetson80', 'uniform' or a fleet .toml file.")
+        raise ConfigError(f"unknown fleet '{name}': use 'jetson80', 'uniform' or a fleet .toml file.")
     if num_devices > len(pool):
-        raise ValueError(
+        raise ConfigError(
             f"fleet '{name}' has {len(pool)} devices but fleet.num_devices = {num_devices}; lower it or add devices."
         )
     if num_devices == len(pool):

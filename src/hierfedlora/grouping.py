@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from hierfedlora.errors import ConfigError
+
 _TOL = 1e-12  # a change must lower J by more than this (guards against float ping-pong)
 
 
@@ -157,7 +159,7 @@ def group_devices(hists: np.ndarray, times: np.ndarray | list[float], num_groups
     t = np.asarray(times, dtype=np.float64)
     n = len(hists)
     if not 1 <= num_groups <= n:
-        raise ValueError(f"num_groups = {num_groups} must be between 1 and the number of devices ({n})")
+        raise ConfigError(f"num_groups = {num_groups} must be between 1 and the number of devices ({n})")
     if len(t) != n or np.any(t <= 0):
         raise ValueError("times must hold one positive predicted round time per device")
     lo, hi = size_bounds(n, num_groups, size_slack)

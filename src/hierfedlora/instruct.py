@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 
 from hierfedlora import data as data_mod
+from hierfedlora.errors import ConfigError, DataError
 
 MAX_CLASSES = 32  # "auto": responses are classes when at most this many distinct ones cover the data
 IGNORE = -100  # label of a token the loss does not count (torch's cross_entropy ignore_index)
@@ -95,22 +96,22 @@ def _find_column(df: pd.DataFrame, wanted: str, fallback: str, role: str, path: 
     present = [str(c) for c in df.columns]
     close = difflib.get_close_matches(wanted, present, n=1, cutoff=0.0)
     hint = f"; closest match: {close[0]!r} (set data.{role}_column = {close[0]!r})" if close else ""
-    raise ValueError(f"{path}: no {role} column {wanted!r} (nor {fallback!r}); columns present: {present}{hint}")
+    raise DataError(f"{path}: no {role} column {wanted!r} (nor {fallback!r}); columns present: {present}{hint}")
 
 
 def _user_file(path: Path, prompt_col: str, input_col: str, response_col: str) -> tuple[list[str], list[str]]:
     reader = data_mod._READERS.get(path.suffix.lower())
     if reader is None:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(data_mod._READERS)}")
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(data_mod._READERS)}")
     try:
         df = reader(path)
     except ValueError as e:
-        raise ValueError(f"{path}: could not be read as {path.suffix} ({e})") from None
+        raise DataError(f"{path}: could not be read as {path.suffix} ({e})") from None
     p = _find_column(df, prompt_col, "prompt", "prompt", path)
     r = _find_column(df, response_col, "response", "response", path)
     bad = [i for i, v in enumerate(df[r]) if not isinstance(v, str) or not v.strip()]
     if bad:
-        raise ValueError(f"{path}: {len(bad)} empty or non-text responses in column {r!r} (first at row {bad[0]}); "
+        raise DataError(f"{path}: {len(bad)} empty or non-text responses in column {r!r} (first at row {bad[0]}); "
                          "every example needs a response to learn from: fill or drop those rows.")
     prompts = df[p].astype(str).str.strip()
     if input_col in df.columns:
@@ -120,7 +121,7 @@ def _user_file(path: Path, prompt_col: str, input_col: str, response_col: str) -
         prompts = list(prompts)
     empty = [i for i, t in enumerate(prompts) if not t]
     if empty:
-        raise ValueError(f"{path}: {len(empty)} empty prompts in column {p!r} (first at row {empty[0]}); fill or drop them.")
+        raise DataError(f"{path}: {len(empty)} empty prompts in column {p!r} (first at row {empty[0]}); fill or drop them.")
     return prompts, [v.strip() for v in df[r]]
 
 
@@ -139,15 +140,15 @@ def load_instructions(name: str, *, answers: str = "auto", prompt_column: str = 
         prompts, responses = _user_file(path, prompt_column, input_column, response_column)
         ds_name = path.stem
     if not prompts:
-        raise ValueError(f"instruction data {name!r} has no examples")
+        raise DataError(f"instruction data {name!r} has no examples")
     distinct = sorted(set(responses))
     as_classes = answers == "classes" or (answers == "auto" and len(distinct) <= MAX_CLASSES)
     if as_classes:
         if len(distinct) > 256:
-            raise ValueError(f"instruction data {name!r} has {len(distinct)} distinct responses, too many to score as "
+            raise DataError(f"instruction data {name!r} has {len(distinct)} distinct responses, too many to score as "
                              "classes; set task.answers = \"open\".")
         if len(distinct) < 2:
-            raise ValueError(f"instruction data {name!r} has a single response ({distinct[0]!r}) for every example: "
+            raise DataError(f"instruction data {name!r} has a single response ({distinct[0]!r}) for every example: "
                              "there is nothing to learn; check data.response_column.")
         index = {a: i for i, a in enumerate(distinct)}
         labels = np.array([index[a] for a in responses], dtype=np.int64)
@@ -180,7 +181,7 @@ def end_of_turn(tokenizer: Any) -> int:
     for tid in (tokenizer.eos_token_id, tokenizer.sep_token_id):
         if tid is not None:
             return int(tid)
-    raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no end-of-sequence token")
+    raise ConfigError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no end-of-sequence token")
 
 
 def _fit(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int]]:

@@ -35,6 +35,8 @@ from flwr_datasets.partitioner import (
     PathologicalPartitioner,
 )
 
+from hierfedlora.errors import ConfigError, DataError
+
 KINDS = ("dirichlet", "dirichlet_device", "pathological", "iid")
 
 
@@ -43,30 +45,30 @@ def _check(labels: np.ndarray, num_devices: int, kind: str, alpha: float,
     if labels.ndim != 1:
         raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
     if labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0):
-        raise ValueError("labels must be non-negative integers (class ids 0..C-1)")
+        raise DataError("labels must be non-negative integers (class ids 0..C-1)")
     if kind not in KINDS:
-        raise ValueError(f"unknown partition kind {kind!r}; choose one of {KINDS}")
+        raise ConfigError(f"unknown partition kind {kind!r}; choose one of {KINDS}")
     if not isinstance(num_devices, (int, np.integer)) or num_devices < 1:
-        raise ValueError(f"num_devices must be a positive integer, got {num_devices!r}")
+        raise ConfigError(f"num_devices must be a positive integer, got {num_devices!r}")
     if num_devices > len(labels):
-        raise ValueError(
+        raise ConfigError(
             f"num_devices={num_devices} exceeds the {len(labels)} examples to partition; "
             f"use fewer devices or more data"
         )
     if kind in ("dirichlet", "dirichlet_device"):
         if not (np.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+            raise ConfigError(f"alpha must be a finite number > 0, got {alpha!r}")
         if min_partition_size < 0:
-            raise ValueError(f"min_partition_size must be >= 0, got {min_partition_size}")
+            raise ConfigError(f"min_partition_size must be >= 0, got {min_partition_size}")
         if min_partition_size * num_devices > len(labels):
-            raise ValueError(
+            raise ConfigError(
                 f"min_partition_size={min_partition_size} x num_devices={num_devices} "
                 f"exceeds the {len(labels)} examples; lower min_partition_size"
             )
     if kind == "pathological":
         num_classes = len(np.unique(labels))
         if not 1 <= classes_per_device <= num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"classes_per_device must be in 1..{num_classes} (the classes present), "
                 f"got {classes_per_device}"
             )
@@ -125,13 +127,13 @@ def partition(
         except ValueError as err:
             if kind == "dirichlet":
                 n_classes = len(np.unique(labels))
-                raise ValueError(
+                raise ConfigError(
                     f"Dirichlet partition failed: with alpha={alpha}, {n_classes} classes and "
                     f"num_devices={num_devices}, 10 draws never gave every device at least "
                     f"min_partition_size={min_partition_size} of the {len(labels)} examples. "
                     f"Raise alpha, lower min_partition_size, use fewer devices, or use kind='dirichlet_device' (equal shares, per-device label mix)."
                 ) from err
-            raise ValueError(
+            raise ConfigError(
                 f"{kind} partition of {len(labels)} examples over num_devices={num_devices} "
                 f"with classes_per_device={classes_per_device} failed: {err}"
             ) from err

@@ -27,6 +27,7 @@ from torch import nn
 
 from hierfedlora.clock import ModelCost
 from hierfedlora.device import shared_prefix
+from hierfedlora.errors import ConfigError
 from hierfedlora.lora_state import State, head_key, lora_key
 from hierfedlora.protocol import Layout
 
@@ -73,9 +74,9 @@ def resolve_device(setting: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if setting.startswith("cuda") and not torch.cuda.is_available():
         why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise ValueError(f"train.device = \"{setting}\" but {why}; use train.device = \"cpu\" (or \"auto\").")
+        raise ConfigError(f"train.device = \"{setting}\" but {why}; use train.device = \"cpu\" (or \"auto\").")
     if setting.startswith("cuda:") and int(setting[5:]) >= torch.cuda.device_count():
-        raise ValueError(f"train.device = \"{setting}\" but this machine has {torch.cuda.device_count()} CUDA "
+        raise ConfigError(f"train.device = \"{setting}\" but this machine has {torch.cuda.device_count()} CUDA "
                          "device(s), numbered from 0.")
     return setting
 
@@ -83,7 +84,7 @@ def resolve_device(setting: str) -> str:
 def package_dir(package: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"package '{package}' is not installed; install it with: {install_hint}")
+        raise ConfigError(f"package '{package}' is not installed; install it with: {install_hint}")
     return Path(spec.submodule_search_locations[0])
 
 
@@ -113,7 +114,7 @@ def _gguf_to_folder(name: str) -> str:
         tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
         lm = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
     except ImportError as e:
-        raise ValueError(f"reading {fname} needs the gguf package: {hint} ({e})") from None
+        raise ConfigError(f"reading {fname} needs the gguf package: {hint} ({e})") from None
     # transformers refuses save_pretrained on a GGUF-loaded model, so write the dequantised weights
     # ourselves (a tied LM head is the embedding table: loading ties it again)
     tmp = target.with_name(target.name + ".tmp")
@@ -157,7 +158,7 @@ def _tiny_model(name: str, num_labels: int, vocab: int, pad_id: int, task: str =
 
     if task == "instruction":
         if name != "tiny-llama":
-            raise ValueError(f"model '{name}' is an encoder; instruction tuning needs a decoder (e.g. tiny-llama, smollm2)")
+            raise ConfigError(f"model '{name}' is an encoder; instruction tuning needs a decoder (e.g. tiny-llama, smollm2)")
         cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                           num_attention_heads=4, num_key_value_heads=2, pad_token_id=pad_id, tie_word_embeddings=True)
         return LlamaForCausalLM(cfg)
@@ -191,9 +192,9 @@ def load_base(name: str, num_labels: int, tokenizer, seed: int = 0, task: str = 
             else:
                 model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
     except ValueError as e:  # an encoder asked for as a causal LM, an unknown architecture
-        raise ValueError(f"model '{name}' ({path}) cannot be loaded for task '{task}': {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"model '{name}' ({path}) cannot be loaded for task '{task}': {str(e).splitlines()[0]}") from None
     except OSError as e:
-        raise ValueError(
+        raise ConfigError(
             f"could not load model '{name}' ({path}): {e}. Use a registry name ({', '.join(PACKAGED_MODELS)}), "
             "a local folder, or a hub id on a machine that reaches the hub."
         ) from None
@@ -210,7 +211,7 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     hits = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
     preferred = [h for h in hits if h[0].endswith(("layer", "layers"))]
     if not (preferred or hits):
-        raise ValueError(f"could not find the {n} transformer layers of {type(model).__name__}")
+        raise ConfigError(f"could not find the {n} transformer layers of {type(model).__name__}")
     return (preferred or hits)[0]
 
 
@@ -244,7 +245,7 @@ def head_modules(model: nn.Module) -> list[str]:
     if getattr(model.config, "model_type", "").startswith("deberta") and hasattr(model, "pooler"):
         names.append("pooler")  # DeBERTa's pooler is part of its freshly initialised head
     if not names:
-        raise ValueError(f"no classification head found on {type(model).__name__}")
+        raise ConfigError(f"no classification head found on {type(model).__name__}")
     return names
 
 
@@ -312,7 +313,7 @@ class LocalModel:
             with quiet_peft():
                 self.peft = get_peft_model(base, cfg)
         except ValueError as e:
-            raise ValueError(f"LoRA target modules {target_modules} not found in {type(base).__name__}: {e}") from None
+            raise ConfigError(f"LoRA target modules {target_modules} not found in {type(base).__name__}: {e}") from None
         inner = self.peft.base_model.model
         self.target_modules = sorted({n.rsplit(".", 1)[-1] for n in self.peft.peft_config["default"].target_modules})
         self.layer_prefix = layer_path + "."
@@ -324,7 +325,7 @@ class LocalModel:
                 self.lora[(int(idx), sub)] = mod
                 modules[sub] = (mod.in_features, mod.out_features)
         if not self.lora:
-            raise ValueError(f"LoRA target modules {target_modules} matched nothing inside the layers of {type(base).__name__}")
+            raise ConfigError(f"LoRA target modules {target_modules} matched nothing inside the layers of {type(base).__name__}")
         self.head = head_parameters(self.peft, heads)
         self.num_layers = base.config.num_hidden_layers
         self.layout = Layout(self.num_layers, dict(sorted(modules.items())),

@@ -24,6 +24,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from hierfedlora.errors import ConfigError
 from hierfedlora.flower import messages as wire
 
 SETUP = "hierfedlora.setup"  # context.state records
@@ -38,7 +39,7 @@ _cache: dict[str, Any] = {}  # per process: config and model by experiment finge
 def partition_id(context: Context) -> int:
     value = context.node_config.get("partition-id")
     if value is None:
-        raise ValueError("this SuperNode has no 'partition-id' in its node config; start it with "
+        raise ConfigError("this SuperNode has no 'partition-id' in its node config; start it with "
                          "--node-config 'partition-id=K' (K = the device index it plays).")
     return int(value)
 
@@ -64,7 +65,7 @@ def _set_up(context: Context, toml_text: str, fingerprint: str, pid: int) -> int
 
     cfg = _config(toml_text, fingerprint)
     if not 0 <= pid < cfg.fleet.num_devices:
-        raise ValueError(f"partition-id {pid} is outside this experiment's fleet (fleet.num_devices = "
+        raise ConfigError(f"partition-id {pid} is outside this experiment's fleet (fleet.num_devices = "
                          f"{cfg.fleet.num_devices}); give this SuperNode a partition-id in 0..{cfg.fleet.num_devices - 1}.")
     tok = load_tokenizer(cfg.model.name)
     if cfg.task.kind == "instruction":  # open answers are clustered by the frozen model's embeddings, as in the simulator

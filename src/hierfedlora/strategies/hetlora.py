@@ -32,6 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from hierfedlora.aggregate import delta_norms, lora_modules, zero_pad_average
+from hierfedlora.errors import ConfigError
 from hierfedlora.lora_state import State, lora_key, parse_key
 from hierfedlora.protocol import DevicePlan, RoundContext, SetupInfo, TrainResult
 from hierfedlora.strategies.base import OneShotStrategy
@@ -85,7 +86,7 @@ def resolve_rank_bounds(rank_min: int, rank_max: int | None, model_rank: int, me
     """(r_min, r_max) with r_max defaulting to, and bounded by, the model's LoRA rank."""
     hi = model_rank if rank_max is None else rank_max
     if hi > model_rank:
-        raise ValueError(f"method.rank_max = {hi} exceeds model.rank = {model_rank}; {method} keeps at most "
+        raise ConfigError(f"method.rank_max = {hi} exceeds model.rank = {model_rank}; {method} keeps at most "
                          "model.rank slots per layer (raise model.rank or lower method.rank_max).")
     return min(rank_min, hi), hi
 

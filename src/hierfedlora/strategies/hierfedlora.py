@@ -70,6 +70,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from hierfedlora.aggregate import slot_average
 from hierfedlora.bandit import RUCB
 from hierfedlora.clock import transfer_time
+from hierfedlora.errors import CheckpointError, ConfigError
 from hierfedlora.fleet import EDGE_AGGREGATOR, DeviceProfile
 from hierfedlora.grouping import group_devices, grouping_report, random_groups
 from hierfedlora.lora_state import State, head_and_layers, num_bytes
@@ -175,12 +176,12 @@ class Strategy(StrategyBase):
         self.L = L = setup.layout.num_layers
         depths = [settings.fixed_depth] if settings.fixed_depth else (settings.depths or list(range(1, L + 1)))
         if max(depths) > L:
-            raise ValueError(f"method.depths / method.fixed_depth: depth {max(depths)} exceeds the model's {L} layers")
+            raise ConfigError(f"method.depths / method.fixed_depth: depth {max(depths)} exceeds the model's {L} layers")
         taus = [settings.fixed_tau] if settings.fixed_tau else settings.taus
         self.arms: list[tuple[int, int]] = [(d, t) for d in depths for t in taus]
         n = setup.num_devices
         if settings.num_groups > n:
-            raise ValueError(f"method.num_groups = {settings.num_groups} exceeds fleet.num_devices = {n}")
+            raise ConfigError(f"method.num_groups = {settings.num_groups} exceeds fleet.num_devices = {n}")
         self.edge = setup.aggregator == "edge"
         self.link = "lan" if self.edge else "wan"
         self.ranks = {l: setup.rank for l in range(L)}
@@ -339,7 +340,7 @@ class Strategy(StrategyBase):
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         if [tuple(a) for a in d["arms"]] != self.arms:
-            raise ValueError("checkpoint's HierFedLoRA arms differ from this configuration's")
+            raise CheckpointError("checkpoint's HierFedLoRA arms differ from this configuration's")
         self.groups = [[int(i) for i in g] for g in d["groups"]]
         self.bandits = [RUCB(len(self.arms), self.s.exploration) for _ in self.groups]
         for b, bd in zip(self.bandits, d["bandits"]):

@@ -49,6 +49,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hierfedlora.aggregate import masked_slot_average
+from hierfedlora.errors import ConfigError
 from hierfedlora.fleet import DeviceProfile
 from hierfedlora.lora_state import State
 from hierfedlora.protocol import DevicePlan, RoundContext, SetupInfo, TrainResult
@@ -76,7 +77,7 @@ class Settings(BaseModel):
     @model_validator(mode="after")
     def _depths_ordered(self) -> "Settings":
         if self.depth_max is not None and self.depth_min > self.depth_max:
-            raise ValueError(f"method.depth_min = {self.depth_min} exceeds method.depth_max = {self.depth_max}; "
+            raise ConfigError(f"method.depth_min = {self.depth_min} exceeds method.depth_max = {self.depth_max}; "
                              "lower depth_min or raise depth_max")
         return self
 
@@ -200,11 +201,11 @@ class Strategy(OneShotStrategy):
         self.L = setup.layout.num_layers
         r_max = setup.rank if settings.rank_max is None else settings.rank_max
         if r_max > setup.rank:
-            raise ValueError(f"method.rank_max = {r_max} exceeds model.rank = {setup.rank}; LEGEND keeps at most "
+            raise ConfigError(f"method.rank_max = {r_max} exceeds model.rank = {setup.rank}; LEGEND keeps at most "
                              "model.rank slots per layer (raise model.rank or lower method.rank_max).")
         self.ranks_l = rank_distribution(self.L, min(settings.rank_min, r_max), r_max, settings.rank_budget)
         if not any(self.ranks_l.values()):
-            raise ValueError(f"method.rank_budget = {settings.rank_budget} leaves no LoRA in any layer")
+            raise ConfigError(f"method.rank_budget = {settings.rank_budget} leaves no LoRA in any layer")
         self.config: Configuration | None = None
 
     def global_ranks(self) -> dict[int, int]:

@@ -18,6 +18,8 @@ from pydantic import BaseModel
 
 import hierfedlora.strategies as _pkg
 
+from hierfedlora.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class StrategyEntry:
@@ -59,5 +61,5 @@ def get_strategy(name: str) -> StrategyEntry:
     if name not in methods:
         close = difflib.get_close_matches(name, list(methods), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"unknown method.name '{name}'.{hint} Available: {', '.join(sorted(methods))}.")
+        raise ConfigError(f"unknown method.name '{name}'.{hint} Available: {', '.join(sorted(methods))}.")
     return methods[name]

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from hierfedlora.aggregate import slot_average
+from hierfedlora.errors import ConfigError
 from hierfedlora.lora_state import State
 from hierfedlora.protocol import DevicePlan, RoundContext, SetupInfo, TrainResult
 from hierfedlora.strategies.base import OneShotStrategy
@@ -26,7 +27,7 @@ class Strategy(OneShotStrategy):
         self.setup = setup
         self.L = setup.layout.num_layers
         if settings.depth > self.L:
-            raise ValueError(f"method.depth = {settings.depth} exceeds the model's {self.L} layers")
+            raise ConfigError(f"method.depth = {settings.depth} exceeds the model's {self.L} layers")
         self.layers = tuple(range(self.L - settings.depth, self.L))
 
     def global_ranks(self) -> dict[int, int]:
