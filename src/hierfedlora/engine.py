@@ -29,7 +29,7 @@ from hierfedlora.config import ExperimentConfig
 from hierfedlora.device import instruct_eval
 from hierfedlora.device.executor import LocalExecutor
 from hierfedlora.device.instruct_eval import EvalSet
-from hierfedlora.device.model import load_base, load_tokenizer, resolve_device
+from hierfedlora.device.model import check_max_length, load_base, load_tokenizer, resolve_device
 from hierfedlora.device.train import FleetData
 from hierfedlora.errors import CheckpointError, DataError, PlanError
 from hierfedlora.fast.joined import JoinedExecutor
@@ -44,6 +44,7 @@ from hierfedlora.strategies.registry import get_strategy, trainer_options
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
+CHECKPOINT_KEYS = ("fingerprint", "round", "state", "strategy", "sim_time", "meter", "rows")  # "data" since later
 
 
 @dataclasses.dataclass
@@ -71,6 +72,16 @@ class Workload:
     def fleet_data(self) -> FleetData:
         """Every device's data, as the executors read it."""
         return FleetData(self.ids, self.labels, self.parts, self.pad_id, self.prompt_lens)
+
+    def fingerprint(self) -> str:
+        """Hash of the tokens, labels, splits and partition: a checkpoint remembers it, so resuming
+        notices a data file that changed under the same path (the config fingerprint cannot)."""
+        h = hashlib.sha256()
+        for a in (*self.ids, self.labels, self.train, self.val, self.test, *self.parts):
+            h.update(np.ascontiguousarray(a).tobytes())
+            h.update(b"|")
+        h.update(json.dumps([self.label_names, self.responses]).encode())
+        return h.hexdigest()[:16]
 
 
 def build_workload(cfg: ExperimentConfig, tokenizer, embedding: torch.Tensor | None = None) -> Workload:
@@ -174,6 +185,7 @@ class Simulation:
         else:
             self.work = build_workload(cfg, self.tokenizer)
             base = load_base(cfg.model.name, self.work.num_classes, self.tokenizer, seed)
+        check_max_length(base, cfg.model.name, cfg.model.max_length, cfg.task.max_new_tokens if self.instruction else 0)
         self.base_profiles = build_fleet(cfg.fleet.name, cfg.fleet.num_devices, seed)
         self.model = FastModel(base, cfg.model.target_modules, cfg.model.rank, cfg.model.alpha, cfg.model.lora_dropout,
                                seed, resolve_device(cfg.train.device))
@@ -313,7 +325,8 @@ class Simulation:
     def save_checkpoint(self) -> None:
         assert self.out is not None
         blob = {
-            "version": CHECKPOINT_VERSION, "fingerprint": config_fingerprint(self.cfg), "round": self.round,
+            "version": CHECKPOINT_VERSION, "fingerprint": config_fingerprint(self.cfg), "data": self.work.fingerprint(),
+            "round": self.round,
             "state": self.state, "strategy": self.strategy.state_dict(), "sim_time": self.sim_time,
             "meter": self.meter.state_dict(), "rows": self.rows,
         }
@@ -329,9 +342,20 @@ class Simulation:
                                   "delete it to restart the run from scratch.") from None
         if not isinstance(blob, dict) or blob.get("version") != CHECKPOINT_VERSION:
             raise CheckpointError(f"checkpoint '{path}' has an unknown format; delete it to restart the run.")
+        missing = sorted(set(CHECKPOINT_KEYS) - set(blob))
+        if missing:
+            raise CheckpointError(f"checkpoint '{path}' lacks {', '.join(missing)} (damaged or not written by this "
+                                  "version); delete it to restart the run from scratch.")
         if blob["fingerprint"] != config_fingerprint(self.cfg):
             raise CheckpointError(f"checkpoint '{path}' was written by a different configuration than "
                                   f"'{path.parent / 'config.toml'}'; restore that config or start a new run directory.")
+        if "data" in blob and blob["data"] != self.work.fingerprint():
+            raise CheckpointError(f"the data of data.name = {self.cfg.data.name!r} changed since checkpoint '{path}' was "
+                                  "written (other tokens, labels or partition); restore the data the run started with, "
+                                  "or start a new run directory.")
+        if blob["round"] > self.cfg.run.rounds:
+            raise CheckpointError(f"checkpoint '{path}' is at round {blob['round']}, past run.rounds = {self.cfg.run.rounds} "
+                                  f"in '{path.parent / 'config.toml'}'; set run.rounds to at least {blob['round']} there.")
         keys = set(self.state)
         if set(blob["state"]) != keys or any(blob["state"][k].shape != self.state[k].shape for k in keys):
             raise CheckpointError(f"checkpoint '{path}' does not match this model's LoRA layout.")

@@ -7,10 +7,13 @@ the run's own config) live here once, so the front ends cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +26,85 @@ def default_out(config_path: str | None, suffix: str = "", prefix: str = "") -> 
     return Path("runs") / (prefix + (Path(config_path).stem if config_path else "default") + suffix)
 
 
+LOCK = ".lock"  # held (flock) by the process writing a run directory; see `run_lock`
+
+
 def resume_config(out: Path, config: str | None, overrides: list[str]) -> ExperimentConfig:
     """The config of the run in `out`, for --resume; a resumed run takes no other config."""
     path = out / "config.toml"
     if not path.is_file():
-        raise ConfigError(f"'{out}' is not a run directory (no config.toml); pass the directory a run wrote.")
+        raise RunDirError(f"'{out}' is not a run directory (no config.toml); pass the directory a run wrote.")
     if config or overrides:
         raise ConfigError("--resume takes the run's own config.toml; drop the CONFIG and --set arguments.")
     return load_config(path)
 
 
-def check_run_dir(out: Path, overwrite: bool) -> None:
+def check_writable(out: Path) -> None:
+    """Refuse a run directory that cannot be created or written, before any set-up: the nearest
+    folder on its path that exists must take a new file."""
+    p = out.absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise RunDirError(f"run directory '{out}' cannot be created: '{p}' is a file, not a directory; pick another --out.")
+    try:
+        fd, probe = tempfile.mkstemp(dir=p, prefix=".hierfedlora-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise RunDirError(f"run directory '{out}' is not writable ({e.strerror or e} in '{p}'); pick another --out "
+                          "or make it writable.") from None
+
+
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold `out` for this process while it writes the run: another process that would write it
+    (a second run, --resume, --overwrite, compare) is refused instead of interleaving its files.
+    The lock is an flock on `out/.lock`, so a killed process releases it without help."""
+    from filelock import FileLock, Timeout
+
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RunDirError(f"run directory '{out}' is in use by another process (a run, resume or overwrite of it "
+                          "is still going); wait for it to end, or pick another --out.") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _in_use(out: Path) -> bool:
+    """Whether another process holds `out`'s run lock now."""
+    if not (out / LOCK).exists():
+        return False
+    try:
+        with run_lock(out):
+            return False
+    except RunDirError:
+        return True
+
+
+def check_run_dir(out: Path, overwrite: bool) -> list[Path]:
     """Refuse to clobber an earlier run in `out` unless asked to, and never a directory that holds
-    files but no run (or a file)."""
+    files but no run (or a file), one another process is writing, or one that cannot be written.
+    Returns the entries of the run that --overwrite replaces (none for a new directory)."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"run directory '{out}' is a file, not a directory; pick another --out.")
-    if out.exists() and any(out.iterdir()):
+    old = [p for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
+    if old:
         if not overwrite:
             raise RunDirError(f"run directory '{out}' already holds a run; use --resume {out} to continue it, "
-                                  "--overwrite to replace it, or --out to pick another directory.")
+                              "--overwrite to replace it, or --out to pick another directory.")
         if not (out / "config.toml").is_file():
             raise RunDirError(f"'{out}' holds files but no run (no config.toml); --overwrite replaces run "
-                                  "directories only: pick another --out.")
+                              "directories only: pick another --out.")
+    if _in_use(out):
+        raise RunDirError(f"run directory '{out}' is in use by another process; wait for it to end, or pick another --out.")
+    check_writable(out)
+    return old
 
 
 def select_run(config: str | None, overrides: list[str], out: str | None, resume: str | None, overwrite: bool,
@@ -53,6 +113,9 @@ def select_run(config: str | None, overrides: list[str], out: str | None, resume
     config; otherwise CONFIG with --set overrides goes to --out (default `default_out`), which
     must not hold another run unless --overwrite."""
     if resume:
+        if out or overwrite:
+            raise ConfigError(f"--resume {resume} continues that run in place; drop --out and --overwrite (to start "
+                              "it again elsewhere, give its config.toml as CONFIG with --out).")
         path = Path(resume)
         return resume_config(path, config, overrides), path
     cfg = load_config(config, overrides)
@@ -63,12 +126,9 @@ def select_run(config: str | None, overrides: list[str], out: str | None, resume
 
 def prepare_run_dir(cfg: ExperimentConfig, out: Path, overwrite: bool, old: list[Path] | None = None) -> None:
     """Create the run directory and write the resolved config into it; with `overwrite`, everything
-    of the run it held goes first (plots and method outputs too). `old`: those entries, listed when
-    `check_run_dir` passed (default: check and list now)."""
-    if old is None:
-        check_run_dir(out, overwrite)
-        old = list(out.iterdir()) if out.is_dir() else []
-    for p in old:
+    of the run it held goes first (plots and method outputs too). `old`: those entries, as
+    `check_run_dir` returned them (default: check now)."""
+    for p in check_run_dir(out, overwrite) if old is None else old:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         else:
@@ -81,60 +141,65 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
                    progress: bool = True, export: bool = True, executor: Callable | None = None) -> dict[str, Any]:
     """Run (or resume) one experiment into `out`; returns its summary. `executor(sim)` builds what
     runs the devices' jobs (default: this process; `hierfedlora.flower` passes one that uses
-    SuperNodes)."""
+    SuperNodes). The run holds `out`'s lock (`run_lock`) from before it writes there to its end."""
     from tqdm.auto import tqdm
 
     from hierfedlora.adapter import export_adapter
     from hierfedlora.engine import CHECKPOINT, Simulation
     from hierfedlora.plots import plot_accuracy
 
-    if not resume:
-        check_run_dir(out, overwrite)
-        old = list(out.iterdir()) if out.is_dir() else []  # the run --overwrite replaces
-    t0 = time.perf_counter()
-    # every setup error (data, model, device, groups, depths) surfaces here, before anything is
-    # written: a corrected rerun is not refused, and --overwrite replaces the old run only now
-    # (set-up may have put its data cache under `out`: that stays)
-    sim = Simulation(cfg, out, executor=executor)
-    if not resume:
-        prepare_run_dir(cfg, out, overwrite, old=old)
-    if resume and (out / CHECKPOINT).exists():
-        sim.load_checkpoint(out / CHECKPOINT)
-    bar = tqdm(total=cfg.run.rounds, initial=sim.round, desc=sim.method, unit="round",
-               disable=not progress, dynamic_ncols=True)
-    last_acc: list[float] = []
+    held = contextlib.ExitStack()
+    if resume:
+        check_writable(out)
+        held.enter_context(run_lock(out))
+    else:
+        old = check_run_dir(out, overwrite)  # the entries of the run --overwrite replaces
+    with held:
+        t0 = time.perf_counter()
+        # every setup error (data, model, device, groups, depths) surfaces here, before anything is
+        # written: a corrected rerun is not refused, and --overwrite replaces the old run only now
+        # (set-up may have put its data cache under `out`: that stays)
+        sim = Simulation(cfg, out, executor=executor)
+        if not resume:
+            held.enter_context(run_lock(out))
+            prepare_run_dir(cfg, out, overwrite, old=old)
+        elif (out / CHECKPOINT).exists():
+            sim.load_checkpoint(out / CHECKPOINT)
+        bar = tqdm(total=cfg.run.rounds, initial=sim.round, desc=sim.method, unit="round",
+                   disable=not progress, dynamic_ncols=True)
+        last_acc: list[float] = []
 
-    key = sim.score_key  # test accuracy, or ROUGE-L for open-ended instruction data
+        key = sim.score_key  # test accuracy, or ROUGE-L for open-ended instruction data
 
-    def on_round(row: dict[str, Any]) -> None:
-        if key in row:
-            last_acc[:] = [row[key]]
-        if row["round"] > 0:
-            bar.update(1)
-        post = {"sim": f"{row['sim_time_s'] / 60:.1f}min"}
-        if cfg.run.budget_s is not None:
-            post["sim"] += f" of {cfg.run.budget_s / 60:.1f}"
-        if last_acc:
-            post[key[5:]] = f"{100 * last_acc[0]:.1f}%"
-        bar.set_postfix(post)
+        def on_round(row: dict[str, Any]) -> None:
+            if key in row:
+                last_acc[:] = [row[key]]
+            if row["round"] > 0:
+                bar.update(1)
+            post = {"sim": f"{row['sim_time_s'] / 60:.1f}min"}
+            if cfg.run.budget_s is not None:
+                post["sim"] += f" of {cfg.run.budget_s / 60:.1f}"
+            if last_acc:
+                post[key[5:]] = f"{100 * last_acc[0]:.1f}%"
+            bar.set_postfix(post)
 
-    try:
-        sim.run(on_round)
-    finally:
-        bar.close()
-        sim.executor.close()
-    plot_accuracy(sim.rows, out / "accuracy.png", title=f"{sim.method} on {cfg.data.name}", key=key)
-    sim.strategy.write_outputs(out, sim.rows)
-    (out / "memory.json").write_text(json.dumps(sim.memory_report(), indent=2))
-    if export:
-        export_adapter(sim.state, sim.global_ranks, cfg.model.name, sim.model.target_modules, cfg.model.alpha,
-                       sim.work.label_names, out / "adapter", seed=cfg.run.seed, task=cfg.task.kind)
-    summary = sim.summary()
-    summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
-    # written last: summary.json marks a finished run (compare reuses such runs; one killed while
-    # exporting has none and is resumed, which exports again)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+        try:
+            sim.run(on_round)
+        finally:
+            bar.close()
+            sim.executor.close()
+        plot_accuracy(sim.rows, out / "accuracy.png", title=f"{sim.method} on {cfg.data.name}", key=key)
+        sim.strategy.write_outputs(out, sim.rows)
+        (out / "memory.json").write_text(json.dumps(sim.memory_report(), indent=2))
+        if export:
+            export_adapter(sim.state, sim.global_ranks, cfg.model.name, sim.model.target_modules, cfg.model.alpha,
+                           sim.work.label_names, out / "adapter", seed=cfg.run.seed, task=cfg.task.kind)
+        summary = sim.summary()
+        summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
+        # written last: summary.json marks a finished run (compare reuses such runs; one killed while
+        # exporting has none and is resumed, which exports again)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
 
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:

@@ -146,7 +146,16 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     path = resolve_model_path("minilm" if name in TINY_MODELS else name)
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # not a folder, not on the hub (or offline), no tokenizer files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        what = ("a folder, but its tokenizer cannot be loaded" if Path(path).is_dir() else
+                "neither a registry name nor a folder, and the hub could not provide it")
+        raise ConfigError(
+            f"model.name = {name!r} is {what} ({first}). Use a registry name "
+            f"({', '.join(sorted([*PACKAGED_MODELS, *GGUF_MODELS, *TINY_MODELS]))}), a local model folder, or a hub id on a "
+            "machine that reaches the hub.") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -203,6 +212,17 @@ def load_base(name: str, num_labels: int, tokenizer, seed: int = 0, task: str = 
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def check_max_length(model: nn.Module, name: str, max_length: int, new_tokens: int = 0) -> None:
+    """Refuse `model.max_length` (plus the tokens generated after a prompt) beyond the positions the
+    model has; otherwise the first evaluation fails deep inside its embedding lookup."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is None or max_length + new_tokens <= limit:
+        return
+    gen = f" + task.max_new_tokens = {new_tokens}" if new_tokens else ""
+    raise ConfigError(f"model.max_length = {max_length}{gen} exceeds the {limit} positions of model '{name}'; "
+                      f"set model.max_length to at most {limit - new_tokens}.")
 
 
 def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
