@@ -16,6 +16,7 @@ import torch
 
 from hierfedlora.device.model import (find_layers, head_modules, head_parameters, is_causal_lm, load_base,
                                       load_tokenizer, modules_to_save, quiet_peft, resolve_model_path, task_type)
+from hierfedlora.errors import AdapterError
 from hierfedlora.lora_state import State, lora_key
 
 
@@ -67,16 +68,47 @@ def export_adapter(state: State, global_ranks: dict[int, int], model_name: str, 
     return out
 
 
+def _read_json(path: Path, keys: tuple[str, ...]) -> dict:
+    """A JSON object file of an adapter directory that must hold `keys`."""
+    if not path.is_file():
+        raise AdapterError(f"'{path.parent}' is not a complete adapter: {path.name} is missing; export it again "
+                           "(a finished run writes adapter/).")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path} is damaged (not valid JSON: {e}); export the adapter again.") from None
+    missing = [k for k in keys if not isinstance(d, dict) or k not in d]
+    if missing:
+        raise AdapterError(f"{path} lacks {', '.join(missing)}; it is damaged or not an adapter file: export it again.")
+    return d
+
+
 def load_adapter(adapter_dir: str | Path):
-    """(PeftModel in eval mode, tokenizer, label names) from an exported adapter directory."""
+    """(PeftModel in eval mode, tokenizer, label names) from an exported adapter directory; a
+    missing or damaged file is an `AdapterError` naming it."""
     from peft import PeftModel
+    from safetensors import SafetensorError, safe_open
 
     d = Path(adapter_dir)
-    meta = json.loads((d / "hierfedlora.json").read_text())
+    meta = _read_json(d / "hierfedlora.json", ("base_model", "label_names"))
+    _read_json(d / "adapter_config.json", ("peft_type", "target_modules", "r"))
+    weights = d / "adapter_model.safetensors"
+    try:
+        with safe_open(str(weights), "pt") as f:
+            for k in f.keys():
+                f.get_slice(k)
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise AdapterError(f"{weights} is missing or damaged ({e}); export the adapter again.") from None
     tok = load_tokenizer(meta["base_model"])
     base = load_base(meta["base_model"], len(meta["label_names"]), tok, meta.get("seed", 0),
                      task=meta.get("task", "classification"))
-    with quiet_peft():
-        model = PeftModel.from_pretrained(base, d)
+    try:
+        with quiet_peft():
+            model = PeftModel.from_pretrained(base, d)
+    except Exception as e:  # noqa: BLE001 - whatever PEFT trips on, the directory is the problem
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdapterError(f"the adapter in '{d}' does not fit its base model {meta['base_model']!r} with "
+                           f"{len(meta['label_names'])} labels ({type(e).__name__}: {first[:300]}); export it again "
+                           "from its run.") from None
     model.eval()
     return model, tok, meta["label_names"]

@@ -117,6 +117,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from hierfedlora import instruct
     from hierfedlora.adapter import load_adapter
 
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: generate at least 1 token.")
     d = Path(args.run_dir)
     d = d / "adapter" if (d / "adapter" / "hierfedlora.json").is_file() else d
     if not (d / "hierfedlora.json").is_file():

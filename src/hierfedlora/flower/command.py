@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,11 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
     if args.auth and not args.tls:
         raise ConfigError("--auth needs --tls (Flower only authenticates SuperNodes over TLS).")
+    if args.supernodes is not None and args.supernodes < 1:
+        raise ConfigError(f"--supernodes {args.supernodes}: start at least 1 SuperNode (default: fleet.num_devices).")
+    for flag, v in (("--round-timeout", args.round_timeout), ("--node-wait", args.node_wait), ("--timeout", args.timeout)):
+        if not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"{flag} {v:g}: give a positive number of seconds.")
     return _serve(args) if args.serve else _run(args)
 
 

@@ -9,8 +9,11 @@ and a launcher does not load the ServerApp to learn them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
+
+from hierfedlora.errors import ConfigError
 
 NODES_LOG = "flower_nodes.jsonl"  # node events and per-call participation (`executor`)
 TRAFFIC_LOG = "flower_traffic.jsonl"  # per job: the meter's bytes beside Flower's (`executor.TrafficRow`)
@@ -38,13 +41,30 @@ class ServerOptions:
         d = cls()
         sets = tuple(s.strip() for s in str(rc.get("set", "")).split(";") if s.strip())
         return cls(experiment_config=str(rc.get("experiment-config", d.experiment_config)), overrides=sets,
-                   run_dir=str(rc.get("run-dir", d.run_dir)), overwrite=bool(rc.get("overwrite", d.overwrite)),
-                   resume=bool(rc.get("resume", d.resume)), round_timeout=float(rc.get("round-timeout", d.round_timeout)),
-                   node_wait=float(rc.get("node-wait", d.node_wait)),
-                   query_timeout=float(rc.get("query-timeout", d.query_timeout)))
+                   run_dir=str(rc.get("run-dir", d.run_dir)), overwrite=_flag(rc, "overwrite", d.overwrite),
+                   resume=_flag(rc, "resume", d.resume), round_timeout=_seconds(rc, "round-timeout", d.round_timeout),
+                   node_wait=_seconds(rc, "node-wait", d.node_wait),
+                   query_timeout=_seconds(rc, "query-timeout", d.query_timeout))
 
     def to_run_config(self) -> dict[str, Any]:
         """The run config that `from_run_config` reads back as these options."""
         return {"experiment-config": self.experiment_config, "set": ";".join(self.overrides), "run-dir": self.run_dir,
                 "overwrite": self.overwrite, "resume": self.resume, "round-timeout": self.round_timeout,
                 "node-wait": self.node_wait, "query-timeout": self.query_timeout}
+
+
+def _seconds(rc: dict[str, Any], key: str, default: float) -> float:
+    """A positive number of seconds from the run config."""
+    v = rc.get(key, default)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    if not ok:
+        raise ConfigError(f"run config '{key}' = {v!r}: give a positive number of seconds (e.g. {key}={default:g}).")
+    return float(v)
+
+
+def _flag(rc: dict[str, Any], key: str, default: bool) -> bool:
+    """A true/false run config value (not a string: "false" would read as true)."""
+    v = rc.get(key, default)
+    if not isinstance(v, bool):
+        raise ConfigError(f"run config '{key}' = {v!r}: give true or false.")
+    return v
