@@ -55,7 +55,7 @@ class Run:
 
     @property
     def key(self) -> str:
-        """The run's score: test accuracy, or ROUGE-L for open-ended instruction data."""
+        """The run's score: test accuracy or macro-F1 (`run.metric`), or ROUGE-L for open-ended instruction data."""
         return self.summary.get("score", "test_acc")
 
     @property
@@ -359,6 +359,11 @@ def read_budget(out: Path) -> tuple[float | None, str]:
 def write_report(runs: list[Run], out: Path, target: float | None = None, budget: float | None = None) -> Path:
     from hierfedlora import plots
 
+    keys = sorted({r.key for r in runs})
+    if len(keys) > 1:  # a table of means over runs scored by different metrics would mean nothing
+        raise ConfigError(f"these runs are scored by different metrics ({', '.join(keys)}); compare runs with one "
+                          "run.metric.")
+    key = keys[0]
     rule = "given"
     if budget is None:
         budget, rule = read_budget(out)
@@ -383,6 +388,7 @@ def write_report(runs: list[Run], out: Path, target: float | None = None, budget
         lines.append(f"Budget: {budget:.1f} simulated seconds ({how}). Every method is scored by its last evaluation "
                      "at or before the budget.")
     lines += [
+        f"Score: {plots.SCORE_LABELS.get(key, key).removesuffix(' (%)')}.",
         f"Target: {100 * target:.2f}% (default rule: {int(TARGET_FRACTION * 100)}% of FedLoRA's mean {scored}).",
         f"Intervals: {int(CONFIDENCE * 100)}% t-intervals over seeds; the difference to FedLoRA is paired by seed.",
         "Times are simulated; traffic counts every byte up and down (WAN: device/aggregator to the PS; LAN: within a group).", "",
@@ -399,12 +405,11 @@ def write_report(runs: list[Run], out: Path, target: float | None = None, budget
             f"{_fmt(r['wan_saving_vs_fedlora'], 'save')} | {_fmt(r['sim_time_s'], 's')} | {_fmt(r['bytes_total'], 'mb')} |")
     by = _by_label(runs)
     curves = {lab: [r.rows for r in rs] for lab, rs in by.items()}
-    key = runs[0].key
     plots.plot_bands(curves, out / "accuracy_vs_time.png", "score vs. simulated time (mean ± std over seeds)", key,
                      budget=budget)
     plots.plot_curves(curves, "bytes", out / "accuracy_vs_traffic.png", "score vs. traffic", key)
     plots.plot_bars({r["method"]: r["time_to_target_s"] for r in rows}, out / "time_to_target.png",
-                    f"simulated time to {100 * target:.1f}% accuracy")
+                    f"simulated time to {100 * target:.1f}% {plots.SCORE_LABELS.get(key, key).removesuffix(' (%)')}")
     lines += ["", "![accuracy vs time](accuracy_vs_time.png)", "![accuracy vs traffic](accuracy_vs_traffic.png)",
               "![time to target](time_to_target.png)"]
     from hierfedlora.strategies.registry import available

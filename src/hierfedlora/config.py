@@ -118,7 +118,11 @@ class RunConfig(_Section):
     budget_s: float | None = Field(None, gt=0, allow_inf_nan=False, description="Simulated-time budget in seconds: rounds run until the simulated clock reaches it (evaluated at the round that crosses it); rounds stays a cap.")
     eval_every: int = Field(2, ge=1, description="Evaluate on the test split every N rounds (and after the last).")
     checkpoint_every: int = Field(2, ge=1, description="Write checkpoint.pt every N rounds.")
-    target_acc: float | None = Field(None, gt=0, le=1, description="Report simulated time/traffic to this test score (accuracy; ROUGE-L for open answers).")
+    target_acc: float | None = Field(None, gt=0, le=1, description="Report simulated time/traffic to this test score (run.metric; ROUGE-L for open answers).")
+    metric: Literal["accuracy", "macro_f1"] = Field(
+        "accuracy", description="The run's score: what run.target_acc, the summary's final/best score, compare's tables "
+        "and budget rule, and HierFedLoRA's accuracy reward measure. macro_f1: mean per-class F1 over the classes in "
+        "the labels or predictions (imbalanced data); every evaluation reports both.")
     progress: bool = Field(True, description="Show a progress bar.")
 
 

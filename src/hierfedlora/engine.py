@@ -31,7 +31,7 @@ from hierfedlora.device.executor import LocalExecutor
 from hierfedlora.device.instruct_eval import EvalSet
 from hierfedlora.device.model import check_max_length, load_base, load_tokenizer, resolve_device
 from hierfedlora.device.train import FleetData
-from hierfedlora.errors import CheckpointError, DataError, PlanError
+from hierfedlora.errors import CheckpointError, ConfigError, DataError, PlanError
 from hierfedlora.fast.joined import JoinedExecutor
 from hierfedlora.fast.model import FastModel
 from hierfedlora.fast.prefix_cache import PrefixCache
@@ -39,7 +39,7 @@ from hierfedlora.fast.workers import ProcessExecutor, WorkerSetup
 from hierfedlora.fleet import DeviceProfile, availability, build_fleet, round_profiles
 from hierfedlora.lora_state import State, from_device, num_bytes, to_device
 from hierfedlora.partition import label_histograms, partition
-from hierfedlora.protocol import DeviceJob, DevicePlan, Executor, Job, LocalTraining, SetupInfo, TrainResult
+from hierfedlora.protocol import DeviceJob, DevicePlan, Executor, Job, LocalTraining, Scores, SetupInfo, TrainResult
 from hierfedlora.strategies.registry import get_strategy, trainer_options
 
 CHECKPOINT = "checkpoint.pt"
@@ -143,6 +143,8 @@ def config_fingerprint(cfg: ExperimentConfig) -> str:
     d["run"] = {k: v for k, v in d["run"].items() if k not in ("progress", "checkpoint_every", "rounds", "eval_every", "target_acc",
                                                                       "budget_s")}
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("prefix_cache", "cache_memory_mb", "workers", "lockstep")}  # speed only
+    if d["run"].get("metric") == "accuracy":  # the default hashes as before the setting existed: old checkpoints resume
+        del d["run"]["metric"]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -207,6 +209,7 @@ class Simulation:
             seed=seed,
             mean_response_len=([float(np.mean([len(w.ids[i]) - w.prompt_lens[i] for i in p])) for p in w.parts]
                                if w.prompt_lens is not None else None),
+            metric=cfg.run.metric,
         )
         entry = get_strategy(cfg.method.get("name", "fedlora"))
         self.method = entry.name
@@ -217,11 +220,16 @@ class Simulation:
         if self.instruction:
             self.test_batches = _eval_set(w, w.test, self.tokenizer, cfg)
             self.val_batches = _eval_set(w, w.val, self.tokenizer, cfg) if len(w.val) else []
-            self.score_key = "test_" + self.test_batches.score
+            if cfg.run.metric == "macro_f1" and w.answers is None:
+                raise ConfigError("run.metric = \"macro_f1\" needs class answers, but this data's responses are open "
+                                  "text (scored by ROUGE-L); use run.metric = \"accuracy\" or task.answers = \"classes\".")
+            self.score_key = "test_" + (self.test_batches.score if cfg.run.metric == "accuracy" else "macro_f1")
         else:
             self.test_batches = _length_sorted_batches(w, w.test, cfg.train.eval_batch_size)
             self.val_batches = _length_sorted_batches(w, w.val, cfg.train.eval_batch_size) if len(w.val) else []
-            self.score_key = "test_acc"
+            self.score_key = "test_acc" if cfg.run.metric == "accuracy" else "test_macro_f1"
+        # counts of the latest test evaluation (rows true, columns predicted; None: open answers)
+        self.test_confusion: tuple[tuple[int, ...], ...] | None = None
         self.meter = TrafficMeter()
         self.peak_memory: dict[int, float] = {}  # device -> largest estimated training peak (bytes)
         self.sim_time = 0.0
@@ -317,7 +325,7 @@ class Simulation:
         available, drops = availability(len(profiles), rnd, cfg.run.seed, cfg.fleet.participation, cfg.fleet.dropout)
         return _RoundContext(self, rnd, available, profiles, drops, np.random.default_rng([cfg.run.seed, 6006, rnd]))
 
-    def evaluate(self, state: State, batches, ranks: dict[int, int] | None = None) -> tuple[float, float]:
+    def evaluate(self, state: State, batches, ranks: dict[int, int] | None = None) -> Scores:
         r = ranks or self.global_ranks
         return self.executor.evaluate(to_device(state, r, self.global_ranks), r, batches)
 
@@ -328,7 +336,7 @@ class Simulation:
             "version": CHECKPOINT_VERSION, "fingerprint": config_fingerprint(self.cfg), "data": self.work.fingerprint(),
             "round": self.round,
             "state": self.state, "strategy": self.strategy.state_dict(), "sim_time": self.sim_time,
-            "meter": self.meter.state_dict(), "rows": self.rows,
+            "meter": self.meter.state_dict(), "rows": self.rows, "test_confusion": self.test_confusion,
         }
         tmp = self.out / (CHECKPOINT + ".tmp")
         torch.save(blob, tmp)
@@ -363,15 +371,29 @@ class Simulation:
         self.strategy.load_state_dict(blob["strategy"])
         self.meter.load_state_dict(blob["meter"])
         self.rows = blob["rows"]
+        self.test_confusion = blob.get("test_confusion")  # older checkpoints: the next evaluation sets it
 
     # -- the loop --------------------------------------------------------------------------
     def _eval_row(self) -> dict[str, float]:
+        """The test metrics of the global model; keeps the pass's confusion counts (`confusion.json`)."""
         if self.instruction:  # every metric of the generative evaluation, on this process's model
             r = self.global_ranks
             self.model.load(to_device(self.state, r, r), r, ())
-            return {f"test_{k}": v for k, v in instruct_eval.metrics(self.model, self.test_batches).items()}
-        loss, acc = self.evaluate(self.state, self.test_batches)
-        return {"test_acc": acc, "test_loss": loss}
+            m, confusion = instruct_eval.evaluate(self.model, self.test_batches)
+            self.test_confusion = None if confusion is None else tuple(map(tuple, confusion.tolist()))
+            return {f"test_{k}": v for k, v in m.items()}
+        scores = self.evaluate(self.state, self.test_batches)
+        self.test_confusion = scores.confusion
+        return {"test_acc": scores.acc, "test_loss": scores.loss, "test_macro_f1": scores.macro_f1}
+
+    def confusion_report(self) -> dict[str, Any] | None:
+        """The latest test evaluation's confusion matrix with its class names (`confusion.json`);
+        None where answers are open text."""
+        if self.test_confusion is None:
+            return None
+        evals = [r for r in self.rows if "test_loss" in r]
+        return {"round": evals[-1]["round"] if evals else None, "labels": list(self.work.label_names),
+                "rows": "true class", "columns": "predicted class", "counts": [list(r) for r in self.test_confusion]}
 
     def step(self) -> dict[str, Any]:
         """One global round: the strategy runs it, the engine books time, traffic and metrics."""
@@ -425,13 +447,15 @@ class Simulation:
         key = self.score_key
         evals = [r for r in self.rows if key in r]
         s: dict[str, Any] = {"method": self.method, "rounds": self.round}
-        if key == "test_acc":
-            s["final_acc"] = evals[-1]["test_acc"] if evals else None
-            s["best_acc"] = max(r["test_acc"] for r in evals) if evals else None
-        if self.instruction:  # the chosen score by name, and the base model's zero-shot score
+        accs = [r for r in self.rows if "test_acc" in r]  # accuracy is reported whatever run.metric scores by
+        if key == "test_acc" or accs:
+            s["final_acc"] = accs[-1]["test_acc"] if accs else None
+            s["best_acc"] = max(r["test_acc"] for r in accs) if accs else None
+        if self.instruction or key != "test_acc":  # the chosen score by name (instruction: and zero-shot)
             s.update(score=key, final_score=evals[-1][key] if evals else None,
-                     best_score=max(r[key] for r in evals) if evals else None,
-                     zero_shot_score=self.rows[0].get(key) if self.rows else None)
+                     best_score=max(r[key] for r in evals) if evals else None)
+        if self.instruction:
+            s["zero_shot_score"] = self.rows[0].get(key) if self.rows else None
         s.update(sim_time_s=self.sim_time, bytes_up=self.meter.bytes_up, bytes_down=self.meter.bytes_down,
                  bytes_total=self.meter.bytes_up + self.meter.bytes_down)
         budget = self.cfg.run.budget_s
@@ -473,7 +497,7 @@ class _RoundContext:
         up, down, lat = profile.link(link)
         return transfer_time(nbytes_up, up, lat) + transfer_time(nbytes_down, down, lat)
 
-    def validate(self, state: State, ranks: dict[int, int] | None = None) -> tuple[float, float]:
+    def validate(self, state: State, ranks: dict[int, int] | None = None) -> Scores:
         sim = self.sim
         return sim.evaluate(state, sim.val_batches or sim.test_batches, ranks)
 

@@ -146,7 +146,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
 
     from hierfedlora.adapter import export_adapter
     from hierfedlora.engine import CHECKPOINT, Simulation
-    from hierfedlora.plots import plot_accuracy
+    from hierfedlora.plots import plot_accuracy, plot_confusion
 
     held = contextlib.ExitStack()
     if resume:
@@ -189,6 +189,11 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
             bar.close()
             sim.executor.close()
         plot_accuracy(sim.rows, out / "accuracy.png", title=f"{sim.method} on {cfg.data.name}", key=key)
+        confusion = sim.confusion_report()  # the final global model on the test split, from its last evaluation
+        if confusion is not None:
+            (out / "confusion.json").write_text(json.dumps(confusion, indent=2))
+            plot_confusion(confusion["counts"], confusion["labels"], out / "confusion.png",
+                           title=f"{sim.method} on {cfg.data.name}, round {confusion['round']}")
         sim.strategy.write_outputs(out, sim.rows)
         (out / "memory.json").write_text(json.dumps(sim.memory_report(), indent=2))
         if export:

@@ -21,7 +21,7 @@ def time_axis(seconds: list[float]) -> tuple[list[float], str]:
     return list(seconds), "simulated time (s)"
 
 
-SCORE_LABELS = {"test_acc": "test accuracy (%)", "test_rougeL": "test ROUGE-L (%)"}
+SCORE_LABELS = {"test_acc": "test accuracy (%)", "test_rougeL": "test ROUGE-L (%)", "test_macro_f1": "test macro-F1 (%)"}
 
 
 def plot_accuracy(rows: list[dict[str, Any]], path: str | Path, title: str = "", key: str = "test_acc") -> None:
@@ -129,3 +129,33 @@ def plot_bars(values: dict[str, float | None], path: str | Path, title: str) -> 
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
+
+
+def plot_confusion(counts: list[list[int]], labels: list[str], path: str | Path, title: str = "") -> None:
+    """A confusion matrix as a heat map, rows = true class, columns = predicted; each cell is
+    coloured by its share of its row (recall per class), so a small class's errors stay visible,
+    and shows its count where the matrix is small enough to read."""
+    import numpy as np
+
+    c = np.asarray(counts, dtype=float)
+    k = len(labels)
+    share = c / np.maximum(c.sum(1, keepdims=True), 1)
+    side = min(12.0, 3.0 + 0.45 * k)
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    ticks = list(range(k))
+    short = [name if len(name) <= 14 else name[:13] + "…" for name in labels]
+    ax.set_xticks(ticks, short, rotation=60 if k > 4 else 0, ha="right" if k > 4 else "center", fontsize=8)
+    ax.set_yticks(ticks, short, fontsize=8)
+    if k <= 20:
+        for t in range(k):
+            for q in range(k):
+                ax.text(q, t, f"{int(c[t, q])}", ha="center", va="center", fontsize=7,
+                        color="white" if share[t, q] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

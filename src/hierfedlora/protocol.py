@@ -22,6 +22,7 @@ import torch
 from hierfedlora.clock import ModelCost, compute_time, step_flops, train_memory_bytes, transfer_time
 from hierfedlora.fleet import DeviceProfile
 from hierfedlora.lora_state import State, head_and_layers
+from hierfedlora.metrics import accuracy, macro_f1
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class SetupInfo:
     aggregator: str  # "edge" or "ps"
     seed: int
     mean_response_len: list[float] | None = None  # instruction tuning: tokens the loss counts per example
+    metric: str = "accuracy"  # `run.metric`: what a score-based reward measures (`Scores.metric`)
 
 
     @property
@@ -194,6 +196,32 @@ class JobOutput:
 
 
 @dataclass(frozen=True)
+class Scores:
+    """One evaluation pass of a model over a split: mean loss, accuracy, and for classes the
+    confusion matrix (`metrics`: rows true, columns predicted) with its macro-F1, from the same
+    predictions. For an instruction set with open answers `acc` is its score (ROUGE-L) and there
+    are no classes (`macro_f1`, `confusion` None)."""
+
+    loss: float
+    acc: float
+    macro_f1: float | None = None
+    confusion: tuple[tuple[int, ...], ...] | None = None  # counts; a tuple so two Scores compare with ==
+
+    @classmethod
+    def of_classes(cls, loss: float, confusion: np.ndarray) -> "Scores":
+        """Accuracy and macro-F1 from the confusion counts of the pass that gave `loss`."""
+        return cls(loss, accuracy(confusion), macro_f1(confusion), tuple(map(tuple, np.asarray(confusion).tolist())))
+
+    def metric(self, name: str) -> float:
+        """The score `run.metric` names: "accuracy" or "macro_f1"."""
+        if name == "accuracy":
+            return self.acc
+        if self.macro_f1 is None:
+            raise ValueError("macro_f1 needs class labels; this evaluation has none (open answers)")
+        return self.macro_f1
+
+
+@dataclass(frozen=True)
 class LocalTraining:
     """The settings of local training that every device job shares (from `train.*`, `run.seed`
     and `fleet.backward_ratio`), one object instead of a row of arguments."""
@@ -222,8 +250,8 @@ class RoundContext(Protocol):
     def transfer(self, nbytes_up: int, nbytes_down: int, link: str, profile: DeviceProfile) -> float:
         """Meter a transfer between an aggregator and the PS; returns its simulated seconds."""
 
-    def validate(self, state: State, ranks: dict[int, int] | None = None) -> tuple[float, float]:
-        """(loss, accuracy) of a server-convention state on the validation split (not the test split)."""
+    def validate(self, state: State, ranks: dict[int, int] | None = None) -> Scores:
+        """Loss, accuracy and macro-F1 of a server-convention state on the validation split (not the test split)."""
 
 
 class Strategy(Protocol):
@@ -256,8 +284,9 @@ class Executor(Protocol):
     def run(self, rnd: int, jobs: list[DeviceJob]) -> list[JobOutput | None]:
         """Each job's output, in order (None: the device failed or dropped out while working)."""
 
-    def evaluate(self, payload: State, ranks: dict[int, int], batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
-        """(mean cross-entropy, accuracy) of a device-convention payload over pre-collated batches."""
+    def evaluate(self, payload: State, ranks: dict[int, int], batches: list[dict[str, torch.Tensor]]) -> Scores:
+        """Mean cross-entropy, accuracy, macro-F1 and confusion counts of a device-convention payload
+        over pre-collated batches, from one pass."""
 
     def close(self) -> None:
         """Release processes or connections (idempotent)."""

@@ -11,7 +11,7 @@ import torch
 from hierfedlora.device.model import LocalModel
 from hierfedlora.device.train import FleetData, evaluate, run_job
 from hierfedlora.lora_state import State
-from hierfedlora.protocol import DeviceJob, JobOutput, LocalTraining
+from hierfedlora.protocol import DeviceJob, JobOutput, LocalTraining, Scores
 
 
 class LocalExecutor:
@@ -23,7 +23,7 @@ class LocalExecutor:
     def run(self, rnd: int, jobs: list[DeviceJob]) -> list[JobOutput | None]:
         return [run_job(self.model, self.data.device(j.plan.device), j, rnd, self.settings) for j in jobs]
 
-    def evaluate(self, payload: State, ranks: dict[int, int], batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    def evaluate(self, payload: State, ranks: dict[int, int], batches: list[dict[str, torch.Tensor]]) -> Scores:
         self.model.load(payload, ranks, ())
         return evaluate(self.model, batches)
 

@@ -5,8 +5,9 @@ perplexity (`ppl`), and:
 
 - responses that are classes: `acc`, the share of examples whose reference answer has the highest
   log-likelihood among the allowed answers (summed over the answer's tokens and its end of turn,
-  as evaluation harnesses score multiple choice), and `exact_match` of the greedy generation
-  (decoded, stripped, case-folded) against the reference;
+  as evaluation harnesses score multiple choice), `macro_f1` of those same choices (the answers as
+  classes, `hierfedlora.metrics`), and `exact_match` of the greedy generation (decoded, stripped,
+  case-folded) against the reference;
 - open responses: `rougeL`, the mean ROUGE-L F-measure of the greedy generations against the
   references (Google's `rouge-score` package, with its stemmer).
 
@@ -32,6 +33,7 @@ import torch
 
 from hierfedlora import instruct
 from hierfedlora.device import shared_prefix
+from hierfedlora.metrics import confusion_counts, macro_f1
 
 
 @dataclass
@@ -137,6 +139,12 @@ def _norm(text: str) -> str:
 
 def metrics(model, ev: EvalSet) -> dict[str, float]:
     """Every metric of the loaded model on `ev` (see the module docstring)."""
+    return evaluate(model, ev)[0]
+
+
+def evaluate(model, ev: EvalSet) -> tuple[dict[str, float], np.ndarray | None]:
+    """(`metrics`, the confusion counts of the answers chosen by log-likelihood; None for open
+    answers), from one pass."""
     model.eval_mode()
     tok = ev.tokenizer
     pad, eot = tok.pad_token_id, instruct.end_of_turn(tok)
@@ -150,11 +158,15 @@ def metrics(model, ev: EvalSet) -> dict[str, float]:
         total, n = response_loss(model, ev.batches)
         loss = total / max(1, n)
     out: dict[str, float] = {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+    confusion = None
     if ev.answers is not None:
-        out["acc"] = float(np.mean(ll.argmax(1) == ev.labels))
+        chosen = ll.argmax(1)
+        out["acc"] = float(np.mean(chosen == ev.labels))
+        confusion = confusion_counts(ev.labels, chosen, len(ev.answers))
+        out["macro_f1"] = macro_f1(confusion)
     texts = tok.batch_decode(tokens, skip_special_tokens=True)
     if ev.answers is not None:
         out["exact_match"] = float(np.mean([_norm(t) == _norm(r) for t, r in zip(texts, ev.references)]))
     else:
         out["rougeL"] = rouge_l(texts, ev.references)
-    return out
+    return out, confusion

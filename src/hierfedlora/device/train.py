@@ -18,7 +18,8 @@ from hierfedlora.data import collate
 from hierfedlora.device import instruct_eval
 from hierfedlora.device.model import LocalModel
 from hierfedlora.lora_state import State
-from hierfedlora.protocol import DeviceJob, DevicePlan, JobOutput, LocalTraining
+from hierfedlora.metrics import confusion_counts
+from hierfedlora.protocol import DeviceJob, DevicePlan, JobOutput, LocalTraining, Scores
 
 
 @dataclass
@@ -131,32 +132,34 @@ def run_job(model: LocalModel, data: DeviceData, job: DeviceJob, rnd: int, setti
 
 
 @torch.no_grad()
-def batch_scores(model: LocalModel, batches: list[dict[str, torch.Tensor]]) -> list[tuple[float, int, int]]:
-    """(summed cross-entropy, correct, examples) of the currently loaded model, per batch."""
+def batch_scores(model: LocalModel, batches: list[dict[str, torch.Tensor]]) -> list[tuple[float, np.ndarray]]:
+    """(summed cross-entropy, confusion counts [classes, classes]) of the currently loaded model, per batch."""
     model.eval_mode()
     out = []
     for batch in batches:
         logits = model.logits(batch)
         labels = batch["labels"].to(model.device)
-        out.append((float(F.cross_entropy(logits, labels, reduction="sum")), int((logits.argmax(-1) == labels).sum()),
-                    len(batch["labels"])))
+        out.append((float(F.cross_entropy(logits, labels, reduction="sum")),
+                    confusion_counts(labels.cpu().numpy(), logits.argmax(-1).cpu().numpy(), logits.shape[-1])))
     return out
 
 
-def combine_scores(scores: list[tuple[float, int, int]]) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) from per-batch scores, summed in batch order."""
-    loss_sum, correct, n = 0.0, 0, 0
-    for loss, c, k in scores:
+def combine_scores(scores: list[tuple[float, np.ndarray]]) -> Scores:
+    """Mean cross-entropy, accuracy and macro-F1 from per-batch scores, summed in batch order."""
+    loss_sum, confusion = 0.0, 0
+    for loss, c in scores:
         loss_sum += loss
-        correct += c
-        n += k
-    return loss_sum / n, correct / n
+        confusion = confusion + c  # integer counts: the order of batches cannot change them
+    return Scores.of_classes(loss_sum / int(confusion.sum()), confusion)
 
 
-def evaluate(model: LocalModel, batches: "list[dict[str, torch.Tensor]] | instruct_eval.EvalSet") -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of the currently loaded model over pre-collated batches; for
-    an instruction `EvalSet` (mean response-token cross-entropy, its chosen score)."""
+def evaluate(model: LocalModel, batches: "list[dict[str, torch.Tensor]] | instruct_eval.EvalSet") -> Scores:
+    """Loss, accuracy, macro-F1 and confusion counts of the currently loaded model over
+    pre-collated batches; for an instruction `EvalSet` the mean response-token cross-entropy, its
+    chosen score as `acc`, and for class answers their macro-F1 and confusion counts."""
     if isinstance(batches, instruct_eval.EvalSet):
-        m = instruct_eval.metrics(model, batches)
-        return m["loss"], m[batches.score]
+        m, confusion = instruct_eval.evaluate(model, batches)
+        if confusion is None:
+            return Scores(m["loss"], m[batches.score])
+        return Scores(m["loss"], m[batches.score], m["macro_f1"], tuple(map(tuple, confusion.tolist())))
     return combine_scores(batch_scores(model, batches))

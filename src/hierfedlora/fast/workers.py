@@ -46,7 +46,7 @@ from hierfedlora.device.train import FleetData, batch_scores, combine_scores, jo
 from hierfedlora.fast.joined import JoinedExecutor
 from hierfedlora.fast.model import FastModel
 from hierfedlora.lora_state import State
-from hierfedlora.protocol import DeviceJob, JobOutput, LocalTraining
+from hierfedlora.protocol import DeviceJob, JobOutput, LocalTraining, Scores
 
 
 @dataclass(frozen=True)
@@ -483,7 +483,7 @@ class ProcessExecutor:
         self.home.update((plan.device, at) for (plan, _, _), at in zip(jobs, where))
         return out
 
-    def evaluate(self, payload: State, ranks: dict[int, int], batches: list) -> tuple[float, float]:
+    def evaluate(self, payload: State, ranks: dict[int, int], batches: list) -> Scores:
         """Evaluation split by batches (placed as jobs are, so a batch stays where its examples
         are cached), summed in batch order: the same numbers as evaluating here."""
         n, above_cut = self.workers, self.setup.model.num_layers - self.cached_layers

@@ -34,7 +34,7 @@ from hierfedlora.config import ExperimentConfig
 from hierfedlora.flower import messages as wire
 from hierfedlora.flower.run_config import NODES_LOG, TRAFFIC_LOG, TRAFFIC_SUMMARY
 from hierfedlora.lora_state import State, num_bytes
-from hierfedlora.protocol import DeviceJob, Executor, JobOutput
+from hierfedlora.protocol import DeviceJob, Executor, JobOutput, Scores
 
 QUERY_ATTEMPTS = 3  # a node that does not answer its identity query is asked this often, then ignored
 
@@ -332,7 +332,7 @@ class FlowerExecutor:
         row.device_received_wire = int(content.metric_records[wire.METRICS]["received-bytes"])
 
     # -- the end of the run ------------------------------------------------------------------
-    def evaluate(self, payload: State, ranks: dict[int, int], batches: list) -> tuple[float, float]:
+    def evaluate(self, payload: State, ranks: dict[int, int], batches: list) -> Scores:
         return self.evaluator.evaluate(payload, ranks, batches)
 
     def close(self) -> None:

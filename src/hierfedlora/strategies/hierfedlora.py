@@ -39,7 +39,8 @@ time; the global round ends when the last group reports, design.md §3):
    every intra-group sync and there is no extra hop.
 4. *Reward*: r = gain in validation metric of the group model over the global model it started
    from, per simulated second of the group's round (`reward = "loss"`: L_before − L_after;
-   `"accuracy"`: A_after − A_before). Validation runs on the validation split through
+   `"accuracy"`: A_after − A_before, where A is the run's score, `run.metric`: accuracy or
+   macro-F1). Validation runs on the validation split through
    `ctx.validate` (never the test split): once for the global model at the start of the round and
    once per group; its size is `data.val_fraction`.
 
@@ -51,7 +52,7 @@ value. A key that only one group sent is copied, not re-averaged, so K = 1, d = 
 Outputs: each metrics.jsonl row gains `val_loss_start` (validation loss of the global model the
 round started from) and `groups`, one entry per group: the arm played (`depth`, `tau`), the group's
 simulated round time `time_s`, its `predicted_s` and `budget_s`, whether the arm was `eligible`,
-the `reward` and the group model's `val_loss` / `val_acc`, and the devices that reported
+the `reward` and the group model's `val_loss` / `val_acc` / `val_macro_f1`, and the devices that reported
 (`participants`). `write_outputs` adds `arms.png` (arms per group over rounds) and `grouping.json`.
 
 Randomness: the grouping uses seeds derived from `SetupInfo.seed`; the bandits' order of first
@@ -74,7 +75,7 @@ from hierfedlora.errors import CheckpointError, ConfigError
 from hierfedlora.fleet import EDGE_AGGREGATOR, DeviceProfile
 from hierfedlora.grouping import group_devices, grouping_report, random_groups
 from hierfedlora.lora_state import State, head_and_layers, num_bytes
-from hierfedlora.protocol import DevicePlan, Job, RoundContext, RoundReport, SetupInfo, TrainResult
+from hierfedlora.protocol import DevicePlan, Job, RoundContext, RoundReport, Scores, SetupInfo, TrainResult
 from hierfedlora.strategies.base import StrategyBase, weighted_loss
 
 NAME = "hierfedlora"
@@ -100,7 +101,8 @@ class Settings(BaseModel):
     fixed_tau: int | None = Field(None, ge=1, description="Pin the frequency (ablation); the bandit then picks d only.")
     exploration: float = Field(0.2, ge=0, description=(
         "c in UCB = μ/s + c·sqrt(2 ln t / n); rewards are scaled by the largest |reward| seen (s), so c is unitless."))
-    reward: Literal["loss", "accuracy"] = Field("loss", description="Validation metric whose gain per simulated second is the reward.")
+    reward: Literal["loss", "accuracy"] = Field("loss", description=(
+        "Validation metric whose gain per simulated second is the reward (accuracy: the run's score, run.metric)."))
     budget_scope: Literal["round", "group"] = Field("round", description=(
         "Default time budget from the FedLoRA-equivalent round time of the slowest available device ('round') "
         "or of the group's slowest member ('group')."))
@@ -161,9 +163,10 @@ def layerwise_aggregate(base: State, group_updates: list[State], weights: list[f
     return out
 
 
-def reward_of(before: tuple[float, float], after: tuple[float, float], seconds: float, metric: str) -> float:
-    """r = (L_before − L_after)/T, or (A_after − A_before)/T with metric "accuracy"."""
-    gain = before[0] - after[0] if metric == "loss" else after[1] - before[1]
+def reward_of(before: Scores, after: Scores, seconds: float, metric: str) -> float:
+    """r = (L_before − L_after)/T with metric "loss", else (A_after − A_before)/T with A the score
+    `metric` names ("accuracy", "macro_f1": `Scores.metric`)."""
+    gain = before.loss - after.loss if metric == "loss" else after.metric(metric) - before.metric(metric)
     return gain / seconds
 
 
@@ -287,7 +290,7 @@ class Strategy(StrategyBase):
                 weights.append(sum(sizes.values()))
                 all_results += results
                 self._reward(k, chosen[k], before, ctx.validate(gstate), seconds, len(sizes), info[k])
-        extra = {"val_loss_start": before[0], "groups": info}
+        extra = {"val_loss_start": before.loss, "groups": info}
         if not updates:  # nobody reported: the model stays, the round still took the waiting time
             return state, RoundReport(max(times, default=0.0), float("nan"), [], extra)
         return layerwise_aggregate(state, updates, weights), RoundReport(
@@ -324,12 +327,15 @@ class Strategy(StrategyBase):
             row.update({"depth": depth, "tau": tau, "predicted_s": predicted, "budget_s": budget, "eligible": eligible})
         return info, runs, chosen
 
-    def _reward(self, k: int, arm: int, before: tuple[float, float], after: tuple[float, float], seconds: float,
+    def _reward(self, k: int, arm: int, before: Scores, after: Scores, seconds: float,
                 reported: int, row: dict[str, Any]) -> None:
         """Feed group k's bandit the gain of its group model per simulated second; record it in `row`."""
-        row.update({"val_loss": after[0], "val_acc": after[1], "participants": reported})
+        row.update({"val_loss": after.loss, "val_acc": after.acc, "participants": reported})
+        if after.macro_f1 is not None:
+            row["val_macro_f1"] = after.macro_f1
         if seconds > 0:
-            r = float(reward_of(before, after, seconds, self.s.reward))
+            metric = "loss" if self.s.reward == "loss" else self.setup.metric
+            r = float(reward_of(before, after, seconds, metric))
             self.bandits[k].update(arm, r)
             row["reward"] = r
 
