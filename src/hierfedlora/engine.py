@@ -132,6 +132,7 @@ def config_fingerprint(cfg: ExperimentConfig) -> str:
     d["run"] = {k: v for k, v in d["run"].items() if k not in ("progress", "checkpoint_every", "rounds", "eval_every", "target_acc",
                                                                       "budget_s")}
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("prefix_cache", "cache_memory_mb", "workers", "lockstep")}  # speed only
+    d.pop("tracking", None)  # where the run is mirrored to, not what it computes
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

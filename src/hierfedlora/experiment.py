@@ -14,8 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hierfedlora import tracking
 from hierfedlora.config import ExperimentConfig, dump_config, load_config
 from hierfedlora.errors import ConfigError, RunDirError
+from hierfedlora.tracking import Lineage
 
 
 def default_out(config_path: str | None, suffix: str = "", prefix: str = "") -> Path:
@@ -28,9 +30,10 @@ def resume_config(out: Path, config: str | None, overrides: list[str]) -> Experi
     path = out / "config.toml"
     if not path.is_file():
         raise ConfigError(f"'{out}' is not a run directory (no config.toml); pass the directory a run wrote.")
-    if config or overrides:
-        raise ConfigError("--resume takes the run's own config.toml; drop the CONFIG and --set arguments.")
-    return load_config(path)
+    if config or any(not o.startswith("tracking.") for o in overrides):
+        raise ConfigError("--resume takes the run's own config.toml; drop the CONFIG and --set arguments "
+                          "(only tracking.* settings may be set, e.g. --set tracking.mlflow=true).")
+    return load_config(path, overrides)  # tracking.* mirror the run and leave its results alone
 
 
 def check_run_dir(out: Path, overwrite: bool) -> None:
@@ -78,10 +81,12 @@ def prepare_run_dir(cfg: ExperimentConfig, out: Path, overwrite: bool, old: list
 
 
 def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False, resume: bool = False,
-                   progress: bool = True, export: bool = True, executor: Callable | None = None) -> dict[str, Any]:
+                   progress: bool = True, export: bool = True, executor: Callable | None = None,
+                   lineage: Lineage | None = None) -> dict[str, Any]:
     """Run (or resume) one experiment into `out`; returns its summary. `executor(sim)` builds what
     runs the devices' jobs (default: this process; `hierfedlora.flower` passes one that uses
-    SuperNodes)."""
+    SuperNodes). With `[tracking]` on, rows, config and summary are mirrored to TensorBoard / MLflow
+    (`tracking`); `lineage`: the run's name there and the comparison it belongs to."""
     from tqdm.auto import tqdm
 
     from hierfedlora.adapter import export_adapter
@@ -91,6 +96,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
     if not resume:
         check_run_dir(out, overwrite)
         old = list(out.iterdir()) if out.is_dir() else []  # the run --overwrite replaces
+    store = tracking.connect(cfg)  # a bad tracking URI fails here, before anything is written
     t0 = time.perf_counter()
     # every setup error (data, model, device, groups, depths) surfaces here, before anything is
     # written: a corrected rerun is not refused, and --overwrite replaces the old run only now
@@ -98,8 +104,11 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
     sim = Simulation(cfg, out, executor=executor)
     if not resume:
         prepare_run_dir(cfg, out, overwrite, old=old)
+    if resume:
+        dump_config(cfg, out / "config.toml")  # the same run; --set tracking.* may have changed
     if resume and (out / CHECKPOINT).exists():
         sim.load_checkpoint(out / CHECKPOINT)
+    tracker = tracking.open_tracker(cfg, out, store, lineage or tracking.Lineage(out.name), sim.rows)
     bar = tqdm(total=cfg.run.rounds, initial=sim.round, desc=sim.method, unit="round",
                disable=not progress, dynamic_ncols=True)
     last_acc: list[float] = []
@@ -107,6 +116,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
     key = sim.score_key  # test accuracy, or ROUGE-L for open-ended instruction data
 
     def on_round(row: dict[str, Any]) -> None:
+        tracker.log_rows([row])
         if key in row:
             last_acc[:] = [row[key]]
         if row["round"] > 0:
@@ -120,6 +130,9 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
 
     try:
         sim.run(on_round)
+    except BaseException as e:
+        tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     finally:
         bar.close()
         sim.executor.close()
@@ -134,6 +147,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
     # written last: summary.json marks a finished run (compare reuses such runs; one killed while
     # exporting has none and is resumed, which exports again)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    tracker.finish(summary)
     return summary
 
 
