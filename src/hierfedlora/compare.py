@@ -194,9 +194,10 @@ def _ray_run(cfg_dict: dict[str, Any], run_dir: str, threads: int, lineage: Line
     return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
-def run_grid(grid: list[tuple[ExperimentConfig, Path, Lineage | None]], jobs: int, address: str | None = None) -> None:
-    """Run (config, run directory, tracking lineage) triples as Ray tasks: on this machine, `jobs` at a time (each
-    with cores / jobs threads), or on the Ray cluster at `address` ("auto": the one this machine
+def run_grid(grid: list[tuple[ExperimentConfig, Path, Lineage | None]], jobs: int,
+             address: str | None = None) -> None:
+    """Run (config, run directory, tracking lineage) triples as Ray tasks: on this machine, `jobs` at
+    a time (each with cores / jobs threads), or on the Ray cluster at `address` ("auto": the one this machine
     belongs to; `jobs` at a time per node), whose nodes must all see the run directories (a shared
     file system). Each task does exactly what the sequential path does (`_run_one`: reuse, extend,
     resume), so results are the same; the driver prints each run as it finishes."""

@@ -108,7 +108,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
         dump_config(cfg, out / "config.toml")  # the same run; --set tracking.* may have changed
     if resume and (out / CHECKPOINT).exists():
         sim.load_checkpoint(out / CHECKPOINT)
-    tracker = tracking.open_tracker(cfg, out, store, lineage or tracking.Lineage(out.name), sim.rows)
+    tracker = tracking.open_tracker(cfg, out, store, lineage or Lineage(out.name), sim.rows)
     bar = tqdm(total=cfg.run.rounds, initial=sim.round, desc=sim.method, unit="round",
                disable=not progress, dynamic_ncols=True)
     last_acc: list[float] = []
