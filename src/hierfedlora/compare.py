@@ -37,7 +37,9 @@ from typing import Any
 import numpy as np
 
 from hierfedlora.config import ConfigError, ExperimentConfig, build_config, dump_config, load_config, read_toml
+from hierfedlora import tracking
 from hierfedlora.errors import RunDirError
+from hierfedlora.tracking import Lineage
 
 TARGET_FRACTION = 0.95
 CONVERGED_SPAN = 0.01  # --budget auto: FedLoRA's last three evaluations within one point
@@ -150,6 +152,8 @@ def run_comparison(config_path: str | None, methods: list[str], seeds: int, out:
     # every (method, seed) config first: a bad method or setting fails before anything is trained
     configs = {(label, seed): method_config(raw, variants, label, seed, overrides) for label in methods for seed in range(seeds)}
     out.mkdir(parents=True, exist_ok=True)
+    # with tracking.mlflow: an MLflow parent run the comparison's runs are nested under
+    group = tracking.Comparison.open(next(iter(configs.values())), out)
     seconds = None if auto else budget
     # FedLoRA first where the budget waits for it; every other run after
     phases = [[k for k in configs if k[0] == "fedlora"], [k for k in configs if k[0] != "fedlora"]] if auto else [list(configs)]
@@ -162,20 +166,23 @@ def run_comparison(config_path: str | None, methods: list[str], seeds: int, out:
             if seconds is not None:  # the budget stops the run; its round cap only guards against a runaway
                 cap = max_rounds or BUDGET_ROUNDS_FACTOR * cfg.run.rounds
                 cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"budget_s": float(seconds), "rounds": cap})})
-            grid.append((cfg, out / label / f"seed{seed}"))
+            grid.append((cfg, out / label / f"seed{seed}", group.lineage(label, seed) if group else None))
         if jobs > 1 or address:
             run_grid(grid, jobs, address)
         else:
-            for cfg, run_dir in grid:
-                _run_one(cfg, run_dir, progress)
+            for cfg, run_dir, lin in grid:
+                _run_one(cfg, run_dir, progress, lin)
     if auto and seconds is None:  # FedLoRA alone
         seconds = _auto(out, seeds)
     if seconds is not None:
         (out / "budget.json").write_text(json.dumps({"budget_s": seconds, "rule": "auto" if auto else "given"}))
-    return write_report(load_runs([out]), out)
+    report = write_report(load_runs([out]), out)
+    if group:
+        group.finish()  # the report and its table and figures, on the parent run
+    return report
 
 
-def _ray_run(cfg_dict: dict[str, Any], run_dir: str, threads: int) -> dict[str, Any]:
+def _ray_run(cfg_dict: dict[str, Any], run_dir: str, threads: int, lineage: Lineage | None) -> dict[str, Any]:
     """One run as a Ray task: in a worker process of its own, with `threads` torch threads unless
     the config sets them; returns the run's summary."""
     import torch
@@ -183,13 +190,14 @@ def _ray_run(cfg_dict: dict[str, Any], run_dir: str, threads: int) -> dict[str, 
     cfg = build_config(cfg_dict)
     if not cfg.train.threads:
         torch.set_num_threads(threads)
-    _run_one(cfg, Path(run_dir), progress=False)
+    _run_one(cfg, Path(run_dir), progress=False, lineage=lineage)
     return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
-def run_grid(grid: list[tuple[ExperimentConfig, Path]], jobs: int, address: str | None = None) -> None:
-    """Run (config, run directory) pairs as Ray tasks: on this machine, `jobs` at a time (each
-    with cores / jobs threads), or on the Ray cluster at `address` ("auto": the one this machine
+def run_grid(grid: list[tuple[ExperimentConfig, Path, Lineage | None]], jobs: int,
+             address: str | None = None) -> None:
+    """Run (config, run directory, tracking lineage) triples as Ray tasks: on this machine, `jobs` at
+    a time (each with cores / jobs threads), or on the Ray cluster at `address` ("auto": the one this machine
     belongs to; `jobs` at a time per node), whose nodes must all see the run directories (a shared
     file system). Each task does exactly what the sequential path does (`_run_one`: reuse, extend,
     resume), so results are the same; the driver prints each run as it finishes."""
@@ -209,7 +217,7 @@ def run_grid(grid: list[tuple[ExperimentConfig, Path]], jobs: int, address: str 
         nodes = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")] or [1]
         per = max(1, int(min(nodes)) // jobs)
         task = ray.remote(num_cpus=per)(_ray_run)
-        pending = {task.remote(cfg.to_dict(), str(run_dir), per): run_dir for cfg, run_dir in grid}
+        pending = {task.remote(cfg.to_dict(), str(run_dir), per, lin): run_dir for cfg, run_dir, lin in grid}
         done = 0
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -232,10 +240,10 @@ def _auto(out: Path, seeds: int) -> float:
     return seconds
 
 
-def _run_one(cfg: ExperimentConfig, run_dir: Path, progress: bool) -> None:
+def _run_one(cfg: ExperimentConfig, run_dir: Path, progress: bool, lineage: Lineage | None = None) -> None:
     """Run one (method, seed) into `run_dir`: a finished run of the same configuration is reused, or
     extended from its checkpoint when `cfg` stops later (more rounds, a larger budget); an
-    interrupted one is resumed."""
+    interrupted one is resumed. `lineage`: its name and parent run in the tracking store."""
     from hierfedlora.engine import CHECKPOINT, config_fingerprint
     from hierfedlora.experiment import run_experiment
 
@@ -253,13 +261,13 @@ def _run_one(cfg: ExperimentConfig, run_dir: Path, progress: bool) -> None:
               + (f" or {budget:.1f} simulated seconds)" if budget is not None else ")"))
         (run_dir / "summary.json").unlink()  # not finished while it runs on
         dump_config(cfg, run_dir / "config.toml")
-        run_experiment(cfg, run_dir, resume=True, progress=show)
+        run_experiment(cfg, run_dir, resume=True, progress=show, lineage=lineage)
         return
     resume = (run_dir / CHECKPOINT).exists()
     old = run_dir / "config.toml"
     if resume and old.is_file() and config_fingerprint(load_config(old)) == config_fingerprint(cfg):
         dump_config(cfg, old)  # the same run; only its stopping rule may differ (else resuming refuses it)
-    run_experiment(cfg, run_dir, resume=resume, overwrite=not resume, progress=show)
+    run_experiment(cfg, run_dir, resume=resume, overwrite=not resume, progress=show, lineage=lineage)
 
 
 def load_run(d: Path) -> Run:

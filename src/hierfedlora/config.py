@@ -126,6 +126,14 @@ class RunConfig(_Section):
     progress: bool = Field(True, description="Show a progress bar.")
 
 
+class TrackingConfig(_Section):
+    # mirrors of the run directory only: left out of the checkpoint's fingerprint (engine.config_fingerprint)
+    tensorboard: bool = Field(False, description="Log per-round metrics, the config and the summary as TensorBoard event files in <run dir>/tensorboard.")
+    mlflow: bool = Field(False, description="Log per-round metrics, the config (as params), the summary and the run's files to an MLflow tracking store.")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI: sqlite:///PATH.db, a database URL, or a tracking server (http://HOST:5000); unset: sqlite:///mlflow.db in the working directory (MLflow's own default), artifacts in ./mlruns beside it.")
+    mlflow_experiment: str = Field("hierfedlora", min_length=1, description="MLflow experiment the runs are logged under (created when missing).")
+
+
 class ExperimentConfig(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
@@ -134,6 +142,7 @@ class ExperimentConfig(_Section):
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     fleet: FleetConfig = Field(default_factory=FleetConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     method: dict[str, Any] = Field(default_factory=lambda: {"name": "fedlora"})
 
     def method_settings(self) -> BaseModel:

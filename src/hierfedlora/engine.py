@@ -145,6 +145,7 @@ def config_fingerprint(cfg: ExperimentConfig) -> str:
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("prefix_cache", "cache_memory_mb", "workers", "lockstep")}  # speed only
     if d["run"].get("metric") == "accuracy":  # the default hashes as before the setting existed: old checkpoints resume
         del d["run"]["metric"]
+    d.pop("tracking", None)  # where the run is mirrored to, not what it computes
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

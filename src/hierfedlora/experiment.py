@@ -15,10 +15,15 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from hierfedlora import tracking
 from hierfedlora.config import ExperimentConfig, dump_config, load_config
 from hierfedlora.errors import ConfigError, RunDirError
+from hierfedlora.tracking import Lineage
+
+if TYPE_CHECKING:
+    from hierfedlora.engine import Simulation
 
 
 def default_out(config_path: str | None, suffix: str = "", prefix: str = "") -> Path:
@@ -34,9 +39,10 @@ def resume_config(out: Path, config: str | None, overrides: list[str]) -> Experi
     path = out / "config.toml"
     if not path.is_file():
         raise RunDirError(f"'{out}' is not a run directory (no config.toml); pass the directory a run wrote.")
-    if config or overrides:
-        raise ConfigError("--resume takes the run's own config.toml; drop the CONFIG and --set arguments.")
-    return load_config(path)
+    if config or any(not o.startswith("tracking.") for o in overrides):
+        raise ConfigError("--resume takes the run's own config.toml; drop the CONFIG and --set arguments "
+                          "(only tracking.* settings may be set, e.g. --set tracking.mlflow=true).")
+    return load_config(path, overrides)  # tracking.* mirror the run and leave its results alone
 
 
 def check_writable(out: Path) -> None:
@@ -138,15 +144,16 @@ def prepare_run_dir(cfg: ExperimentConfig, out: Path, overwrite: bool, old: list
 
 
 def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False, resume: bool = False,
-                   progress: bool = True, export: bool = True, executor: Callable | None = None) -> dict[str, Any]:
+                   progress: bool = True, export: bool = True, executor: Callable | None = None,
+                   lineage: Lineage | None = None) -> dict[str, Any]:
     """Run (or resume) one experiment into `out`; returns its summary. `executor(sim)` builds what
     runs the devices' jobs (default: this process; `hierfedlora.flower` passes one that uses
-    SuperNodes). The run holds `out`'s lock (`run_lock`) from before it writes there to its end."""
+    SuperNodes). The run holds `out`'s lock (`run_lock`) from before it writes there to its end.
+    With `[tracking]` on, rows, config and summary are mirrored to TensorBoard / MLflow
+    (`tracking`); `lineage`: the run's name there and the comparison it belongs to."""
     from tqdm.auto import tqdm
 
-    from hierfedlora.adapter import export_adapter
     from hierfedlora.engine import CHECKPOINT, Simulation
-    from hierfedlora.plots import plot_accuracy, plot_confusion
 
     held = contextlib.ExitStack()
     if resume:
@@ -155,6 +162,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
     else:
         old = check_run_dir(out, overwrite)  # the entries of the run --overwrite replaces
     with held:
+        store = tracking.connect(cfg)  # a bad tracking URI fails here, before anything is written
         t0 = time.perf_counter()
         # every setup error (data, model, device, groups, depths) surfaces here, before anything is
         # written: a corrected rerun is not refused, and --overwrite replaces the old run only now
@@ -163,8 +171,12 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
         if not resume:
             held.enter_context(run_lock(out))
             prepare_run_dir(cfg, out, overwrite, old=old)
-        elif (out / CHECKPOINT).exists():
-            sim.load_checkpoint(out / CHECKPOINT)
+        else:
+            if (out / CHECKPOINT).exists():
+                sim.load_checkpoint(out / CHECKPOINT)
+            if load_config(out / "config.toml") != cfg:
+                dump_config(cfg, out / "config.toml")  # the same run; --set tracking.* changed how it is mirrored
+        tracker = tracking.open_tracker(cfg, out, store, lineage or Lineage(out.name), sim.rows)
         bar = tqdm(total=cfg.run.rounds, initial=sim.round, desc=sim.method, unit="round",
                    disable=not progress, dynamic_ncols=True)
         last_acc: list[float] = []
@@ -172,6 +184,7 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
         key = sim.score_key  # test accuracy, or ROUGE-L for open-ended instruction data
 
         def on_round(row: dict[str, Any]) -> None:
+            tracker.log_rows([row])
             if key in row:
                 last_acc[:] = [row[key]]
             if row["round"] > 0:
@@ -185,26 +198,39 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
 
         try:
             sim.run(on_round)
+        except BaseException as e:
+            tracker.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
         finally:
             bar.close()
             sim.executor.close()
-        plot_accuracy(sim.rows, out / "accuracy.png", title=f"{sim.method} on {cfg.data.name}", key=key)
-        confusion = sim.confusion_report()  # the final global model on the test split, from its last evaluation
-        if confusion is not None:
-            (out / "confusion.json").write_text(json.dumps(confusion, indent=2))
-            plot_confusion(confusion["counts"], confusion["labels"], out / "confusion.png",
-                           title=f"{sim.method} on {cfg.data.name}, round {confusion['round']}")
-        sim.strategy.write_outputs(out, sim.rows)
-        (out / "memory.json").write_text(json.dumps(sim.memory_report(), indent=2))
-        if export:
-            export_adapter(sim.state, sim.global_ranks, cfg.model.name, sim.model.target_modules, cfg.model.alpha,
-                           sim.work.label_names, out / "adapter", seed=cfg.run.seed, task=cfg.task.kind)
-        summary = sim.summary()
+        summary = write_run_files(sim, cfg, out, export, key)
         summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
         # written last: summary.json marks a finished run (compare reuses such runs; one killed while
         # exporting has none and is resumed, which exports again)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        tracker.finish(summary)
         return summary
+
+
+def write_run_files(sim: "Simulation", cfg: ExperimentConfig, out: Path, export: bool, key: str) -> dict[str, Any]:
+    """What a finished run leaves beside its metrics: plots, the confusion matrix, the method's
+    outputs, the memory report and the adapter; returns the summary (not yet written)."""
+    from hierfedlora.adapter import export_adapter
+    from hierfedlora.plots import plot_accuracy, plot_confusion
+
+    plot_accuracy(sim.rows, out / "accuracy.png", title=f"{sim.method} on {cfg.data.name}", key=key)
+    confusion = sim.confusion_report()  # the final global model on the test split, from its last evaluation
+    if confusion is not None:
+        (out / "confusion.json").write_text(json.dumps(confusion, indent=2))
+        plot_confusion(confusion["counts"], confusion["labels"], out / "confusion.png",
+                       title=f"{sim.method} on {cfg.data.name}, round {confusion['round']}")
+    sim.strategy.write_outputs(out, sim.rows)
+    (out / "memory.json").write_text(json.dumps(sim.memory_report(), indent=2))
+    if export:
+        export_adapter(sim.state, sim.global_ranks, cfg.model.name, sim.model.target_modules, cfg.model.alpha,
+                       sim.work.label_names, out / "adapter", seed=cfg.run.seed, task=cfg.task.kind)
+    return sim.summary()
 
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:
