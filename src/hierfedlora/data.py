@@ -422,16 +422,15 @@ def _clean(table: Table, text_column: str, label_column: str) -> tuple[list[str]
     dropped |= set(blank)
     keep = [i for i in range(len(texts)) if i not in dropped]
     labels = [labels[i] for i in keep]
-    kinds: dict[str, int] = {}
+    kinds: dict[str, str] = {}  # kind -> its first value and row, for the message
     for i, v in zip(keep, labels):
-        kinds.setdefault(_label_kind(v), i)
+        kinds.setdefault(_label_kind(v), f"{v.item() if isinstance(v, np.generic) else v!r} at row {i}")
     if "fractional" in kinds:
-        i = kinds["fractional"]
-        raise DataError(f"{src}: label column {label_column!r} holds fractional numbers ({table.frame[label_column][i]!r}"
-                        f" at row {i}); classification needs class labels, not scores: bin them into classes or set "
+        raise DataError(f"{src}: label column {label_column!r} holds fractional numbers ({kinds['fractional']}); "
+                        "classification needs class labels, not scores: bin them into classes or set "
                         "data.label_column to a class column")
     if len(kinds) > 1:
-        seen = ", ".join(f"{k} ({table.frame[label_column][i]!r} at row {i})" for k, i in kinds.items())
+        seen = ", ".join(f"{k} ({first})" for k, first in kinds.items())
         raise DataError(f"{src}: label column {label_column!r} mixes kinds of labels: {seen}; make every label the "
                         "same kind (e.g. all text)")
     parts = [f"{len(no_label)} without a label" if no_label else "",
@@ -441,8 +440,8 @@ def _clean(table: Table, text_column: str, label_column: str) -> tuple[list[str]
         warnings.warn(f"{src}: dropped {len(dropped)} of {len(texts)} rows ({', '.join(p for p in parts if p)}); "
                       f"{len(keep)} examples remain", stacklevel=3)
     if not keep:
-        raise DataError(f"{src}: no examples left: every row lacks a label or a text (columns {text_column!r}, "
-                        f"{label_column!r})")
+        raise DataError(f"{src}: no examples left: every row lacks a label or a text, or its text is only whitespace "
+                        f"(columns {text_column!r}, {label_column!r})")
     return [str(texts[i]) for i in keep], labels
 
 
