@@ -77,11 +77,31 @@ def prepare_run_dir(cfg: ExperimentConfig, out: Path, overwrite: bool, old: list
     dump_config(cfg, out / "config.toml")
 
 
+def check_data(cfg: ExperimentConfig) -> None:
+    """Read the run's data as the engine will, before the engine and the model load: a data or
+    `data.cache_dir` problem is then reported in seconds, not after a model is loaded (or
+    dequantised), and before anything is written. Its warnings (dropped rows) wait for the real read."""
+    import warnings
+
+    from hierfedlora import data, instruct
+
+    d = cfg.data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if cfg.task.kind == "instruction":
+            instruct.load_instructions(d.name, answers=cfg.task.answers, prompt_column=d.prompt_column,
+                                       input_column=d.input_column, response_column=d.response_column, split=d.split)
+        else:
+            data.check_cache_dir(d.cache_dir)
+            data.load_dataset(d.name, d.text_column, d.label_column, split=d.split)
+
+
 def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False, resume: bool = False,
                    progress: bool = True, export: bool = True, executor: Callable | None = None) -> dict[str, Any]:
     """Run (or resume) one experiment into `out`; returns its summary. `executor(sim)` builds what
     runs the devices' jobs (default: this process; `hierfedlora.flower` passes one that uses
     SuperNodes)."""
+    check_data(cfg)  # before the engine's imports: a data problem is reported in seconds
     from tqdm.auto import tqdm
 
     from hierfedlora.adapter import export_adapter
