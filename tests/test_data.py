@@ -1,12 +1,22 @@
 import importlib.util
+import json
 import os
+import subprocess
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import bad_data
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+import hierfedlora
+from hierfedlora.config import build_config
 from hierfedlora.data import TextDataset, collate, load_dataset, split_indices, tokenize
+from hierfedlora.errors import ConfigError, DataError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -182,3 +192,172 @@ def test_collate_pads_to_longest():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [1, 0]
     assert all(t.dtype == torch.long for t in batch.values())
+
+
+# ----------------------------------------------------------------- bad data, cleaning, datasets formats
+
+TINY = ['model.name="tiny-bert"', "fleet.num_devices=4", "run.rounds=1"]
+
+
+def _sets(tmp: Path, name: str, extra: list[str]) -> list[str]:
+    # JSON string syntax is TOML's basic string for these values; later --set wins over earlier
+    return [*TINY, f"data.cache_dir={json.dumps(str(tmp / 'cache'))}", f"data.name={json.dumps(name)}", *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    from hierfedlora.device.model import load_tokenizer
+
+    return load_tokenizer("tiny-bert")
+
+
+@pytest.mark.parametrize("case", bad_data.CASES, ids=lambda c: c.__name__)
+def test_bad_data_gets_a_named_error(case, tmp_path, tiny_tokenizer):
+    from hierfedlora.engine import build_workload
+
+    import datasets
+
+    if case is bad_data.hub_spec_offline and not datasets.config.HF_HUB_OFFLINE:
+        pytest.skip("datasets was imported before HF_DATASETS_OFFLINE=1 was set: the hub would be asked")
+    name, extra, expect = case(tmp_path)
+    cfg = build_config({}, _sets(tmp_path, name, extra))
+    kind = ConfigError if case in bad_data.CONFIG_CASES else DataError
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dropped-rows warning of the all-dropped cases
+        with pytest.raises(kind) as e:
+            build_workload(cfg, tiny_tokenizer)
+    assert expect in str(e.value)
+    assert "\n" not in str(e.value)  # the CLI prints it as one line
+
+
+def test_cli_refuses_every_bad_data_case_before_writing(tmp_path):
+    """`hierfedlora run` on each case of tests/bad_data.py: exit 2, one `error:` line with the
+    expected text, no traceback, and no run directory."""
+    src = str(Path(hierfedlora.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": src, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    jobs = []
+    for case in bad_data.CASES:
+        tmp = tmp_path / case.__name__
+        tmp.mkdir()
+        name, extra, expect = case(tmp)
+        args = [a for s in _sets(tmp, name, extra) for a in ("--set", s)]
+        cmd = [sys.executable, "-m", "hierfedlora.cli", "run", *args, "--out", str(tmp / "run"), "--quiet"]
+        jobs.append((case.__name__, tmp, expect, cmd))
+
+    def run(job):
+        _, tmp, _, cmd = job
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp, timeout=300)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, jobs))
+    failures = []
+    for (case, tmp, expect, _), r in zip(jobs, results):
+        out = r.stdout + r.stderr
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+        if (r.returncode != 2 or "Traceback" in out or len(errors) != 1 or expect not in errors[0]
+                or (tmp / "run").exists()):
+            failures.append(f"{case}: rc={r.returncode} run dir={(tmp / 'run').exists()}\n{out[-1500:]}")
+    assert not failures, "\n\n".join(failures)
+
+
+def _rows(n: int = 20) -> pd.DataFrame:
+    return pd.DataFrame({"text": [f"text number {i}" for i in range(n)], "label": ["neg", "pos"] * (n // 2)})
+
+
+def test_whitespace_texts_are_dropped_and_counted(tmp_path):
+    df = _rows()
+    df.loc[[3, 7], "text"] = ["   ", "\t "]
+    path = tmp_path / "ws.csv"
+    df.to_csv(path, index=False)
+    with pytest.warns(UserWarning, match=r"ws.csv: dropped 2 of 20 rows \(2 whose text is only whitespace\); 18 "):
+        ds = load_dataset(str(path))
+    assert len(ds) == 18 and "text number 3" not in ds.texts and ds.texts[3] == "text number 4"
+
+
+def test_missing_labels_and_texts_are_dropped_and_counted(tmp_path):
+    df = _rows().astype(object)
+    df.loc[[0, 1, 2], "label"] = None
+    df.loc[[2, 5], "text"] = None  # row 2 lacks both: counted once, as without a label
+    path = tmp_path / "nan.jsonl"
+    df.to_json(path, orient="records", lines=True)
+    with pytest.warns(UserWarning, match=r"dropped 4 of 20 rows \(3 without a label, 1 without a text\); 16 "):
+        ds = load_dataset(str(path))
+    assert len(ds) == 16 and ds.label_names == ["neg", "pos"]
+
+
+def test_clean_file_loads_without_a_warning(tmp_path):
+    path = tmp_path / "clean.csv"
+    _rows().to_csv(path, index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_dataset(str(path))) == 20
+
+
+def test_boolean_labels_are_two_classes(tmp_path):
+    path = tmp_path / "spam.jsonl"
+    pd.DataFrame({"text": list("abcd"), "is_spam": [True, False, True, True]}).to_json(path, orient="records", lines=True)
+    ds = load_dataset(str(path), label_column="is_spam")
+    assert ds.label_names == ["False", "True"] and ds.labels.tolist() == [1, 0, 1, 1]
+
+
+def test_missing_column_suggests_a_column_the_other_role_does_not_use(tmp_path):
+    path = tmp_path / "d.csv"
+    pd.DataFrame({"label_text": ["a", "b"], "category": ["x", "y"]}).to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"no label column 'label'.*closest match: 'category'"):
+        load_dataset(str(path), text_column="label_text")  # 'label_text' is closer to 'label' but is the text
+    with pytest.raises(DataError, match=r"no text column 'text'.*closest match: 'label_text'"):
+        load_dataset(str(path), label_column="category")
+
+
+def test_saved_dataset_reads_like_the_csv_it_was_made_from(tmp_path):
+    import datasets
+
+    csv = tmp_path / "src.csv"
+    _frame().to_csv(csv, index=False)
+    from_csv = load_dataset(str(csv), text_column="sentence")
+    ds = datasets.Dataset.from_csv(str(csv))
+    ds.save_to_disk(str(tmp_path / "single"))
+    datasets.DatasetDict(train=ds.select(range(20)), test=ds.select(range(20, 30))).save_to_disk(str(tmp_path / "dict"))
+    for name, split in (("single", "train"), ("dict", "train+test")):
+        saved = load_dataset(str(tmp_path / name), text_column="sentence", split=split)
+        assert saved.texts == from_csv.texts and saved.label_names == from_csv.label_names
+        assert np.array_equal(saved.labels, from_csv.labels) and saved.name == name
+    train = load_dataset(str(tmp_path / "dict"), text_column="sentence")  # default split: train
+    assert train.texts == from_csv.texts[:20]
+
+
+def test_saved_dataset_keeps_its_class_label_order(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": list("abcdef"), "label": [0, 1, 1, 0, 1, -1]})
+    ds = ds.cast_column("label", datasets.ClassLabel(names=["pos", "neg", "unused"]))
+    ds.save_to_disk(str(tmp_path / "cl"))
+    with pytest.warns(UserWarning, match=r"1 without a label"):  # -1: ClassLabel's "no label"
+        out = load_dataset(str(tmp_path / "cl"))
+    assert out.label_names == ["pos", "neg"] and out.labels.tolist() == [0, 1, 1, 0, 1]
+
+
+def test_hf_spec_reads_through_datasets_load_dataset(tmp_path):
+    folder = tmp_path / "files"  # load_dataset takes a local folder of data files, offline too
+    folder.mkdir()
+    _frame().to_csv(folder / "train.csv", index=False)
+    via_hf = load_dataset(f"hf:{folder}", text_column="sentence")
+    assert via_hf.texts == load_dataset(str(folder / "train.csv"), text_column="sentence").texts
+    assert via_hf.name == "files"
+    with pytest.raises(DataError, match=r"hf:.*split='nope'\) failed"):
+        load_dataset(f"hf:{folder}", text_column="sentence", split="nope")
+
+
+def test_changed_saved_dataset_gets_fresh_tokens(tmp_path, tokenizer):
+    import datasets
+
+    counting = CountingTokenizer(tokenizer)
+    folder = tmp_path / "mine"
+    tokens = []
+    for words in ("first version", "second version"):
+        datasets.Dataset.from_pandas(_rows().assign(text=lambda d: words + " " + d["text"])).save_to_disk(str(folder))
+        ds = load_dataset(str(folder))
+        tokens.append(tokenize(ds.texts, counting, 16, tmp_path / "cache", cache_key=f"{ds.name}:tiny"))
+    assert counting.calls == 2  # same name, other texts: not served the first version's cache
+    assert tokens[0][0].tolist() != tokens[1][0].tolist()
+    assert len(list((tmp_path / "cache").iterdir())) == 2

@@ -8,6 +8,7 @@ import torch
 
 from hierfedlora import instruct
 from hierfedlora.device.model import load_tokenizer
+from hierfedlora.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +74,30 @@ def test_clusters_are_seeded_and_follow_the_embedding():
     a = instruct.cluster_ids(ids, plen, emb, k=2, seed=1)
     assert (a == instruct.cluster_ids(ids, plen, emb, k=2, seed=1)).all()
     assert set(a[:30]) == {0} and set(a[30:]) == {1}  # the two embedding directions are the two clusters
+
+
+def test_saved_dataset_reads_like_the_csv_it_was_made_from(tmp_path, instruct_csv):
+    import datasets
+
+    datasets.Dataset.from_csv(str(instruct_csv)).save_to_disk(str(tmp_path / "saved"))
+    saved, from_csv = instruct.load_instructions(str(tmp_path / "saved")), instruct.load_instructions(str(instruct_csv))
+    assert saved.prompts == from_csv.prompts and saved.responses == from_csv.responses
+    assert saved.answers == from_csv.answers and np.array_equal(saved.labels, from_csv.labels) and saved.name == "saved"
+
+
+def test_missing_column_suggests_one_no_other_role_uses(tmp_path):
+    f = tmp_path / "cols.csv"
+    pd.DataFrame({"output_prompt": ["a", "b"], "reply": ["x", "y"]}).to_csv(f, index=False)
+    # 'output_prompt' is closest to 'output' but is the prompt column: the hint names 'reply'
+    with pytest.raises(DataError, match=r"cols.csv: no response column 'output' \(nor 'response'\).*closest match: 'reply'"):
+        instruct.load_instructions(str(f), prompt_column="output_prompt")
+    pd.DataFrame({"outputs": ["a", "b"], "query": ["x", "y"]}).to_csv(f, index=False)
+    with pytest.raises(DataError, match=r"no prompt column 'instruction'.*closest match: 'query'"):
+        instruct.load_instructions(str(f), response_column="outputs")
+
+
+def test_unreadable_file_names_the_file_and_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"instruction": "a", "output": "x"}\n{"instruction": "b", "output": \n')
+    with pytest.raises(DataError, match=r"bad.jsonl: line 2 is not valid JSON"):
+        instruct.load_instructions(str(f))

@@ -51,9 +51,10 @@ class TaskConfig(_Section):
 
 
 class DataConfig(_Section):
-    name: str = Field("rotten_tomatoes", description="rotten_tomatoes, health_tweets, trec, moviedialog (instruction only), or a .csv/.jsonl/.parquet path.")
+    name: str = Field("rotten_tomatoes", description="rotten_tomatoes, health_tweets, trec, moviedialog (instruction only); a .csv/.tsv/.jsonl/.json/.parquet file; a folder written by datasets' save_to_disk; or hf:DATASET[:CONFIG], read by datasets.load_dataset (needs the hub, or the dataset in the local datasets cache).")
+    split: str = Field("train", description="Split of a saved DatasetDict folder or an hf: dataset (several joined with +, e.g. train+test, are concatenated); runs make their own test split from it.")
     text_column: str = Field("text", description="Text column of a user data file.")
-    label_column: str = Field("label", description="Label column of a user data file (strings or integers).")
+    label_column: str = Field("label", description="Label column of a user data file (text, integers or booleans; one class per row).")
     prompt_column: str = Field("instruction", description="instruction: prompt column of a user file ('prompt' is found too).")
     input_column: str = Field("input", description="instruction: optional input column appended to the prompt.")
     response_column: str = Field("output", description="instruction: response column of a user file ('response' is found too).")
@@ -61,7 +62,7 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.05, ge=0, lt=1, description="Held out of train for server-side validation (bandit rewards).")
     max_examples: int | None = Field(None, ge=10, description="Seeded stratified subsample of the whole data set.")
     max_test_examples: int | None = Field(1000, ge=10, description="Cap on test examples evaluated (seeded, stratified).")
-    cache_dir: str = Field(".cache/hierfedlora", description="Tokenised data cache.")
+    cache_dir: str = Field(".cache/hierfedlora", description="Tokenised data cache (must be writable; checked before data is read).")
 
 
 class PartitionConfig(_Section):

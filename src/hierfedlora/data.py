@@ -22,8 +22,11 @@ Built-in datasets, as loaded here (counts after the cleaning described):
 
 Duplicates are removed so that the same text can never sit in both the train and
 the test split; a text seen with two different labels would be dropped entirely
-(none of the three has one). Any user file (``.csv``, ``.tsv``, ``.jsonl``,
-``.json``, ``.parquet``) with a text and a label column is loaded as-is.
+(none of the three has one). A user's data (a ``.csv``, ``.tsv``, ``.jsonl``,
+``.json`` or ``.parquet`` file, a folder written by `datasets`' ``save_to_disk``, or an
+``hf:<dataset>[:<config>]`` spec read by ``datasets.load_dataset``) with a text and a
+label column is loaded as-is, except that rows without a label or a text, or whose text
+is only whitespace, are dropped (a warning says how many).
 
 Tokenised examples stay unpadded (variable length); :func:`collate` pads each
 batch to its own longest example, which on short texts such as tweets saves most
@@ -35,9 +38,12 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.util
+import io
+import json
 import os
 import re
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,58 +156,293 @@ def _dedupe(texts: list[str], labels: list[str]) -> tuple[list[str], list[str]]:
     return df["text"].tolist(), df["label"].tolist()
 
 
-# --------------------------------------------------------------------------- user files
+# --------------------------------------------------------------------------- user data
+#
+# A user's data set is a table with named columns, read from one of three sources:
+#
+# - a file: .csv / .tsv (UTF-8), .jsonl (one JSON object a line), .json (a list of records, an
+#   object of columns, or JSON lines), .parquet;
+# - a folder written by `datasets`' ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` whose
+#   split ``data.split`` is used);
+# - ``hf:<dataset>[:<config>]``: ``datasets.load_dataset(<dataset>, <config>, split=data.split)``, a
+#   hub id (or anything else that function takes) where a hub is reachable or the dataset is in the
+#   local `datasets` cache.
+#
+# Every problem in reading it is a DataError that starts with the source (the file, folder or
+# spec), says what is wrong and how to fix it.
 
-_READERS: dict[str, Callable[[Path], pd.DataFrame]] = {
-    ".csv": lambda p: pd.read_csv(p),
-    ".tsv": lambda p: pd.read_csv(p, sep="\t"),
-    ".jsonl": lambda p: pd.read_json(p, lines=True),
-    ".parquet": lambda p: pd.read_parquet(p),
-}
+HF_PREFIX = "hf:"
+
+
+@dataclass
+class Table:
+    """A user's data as read: its rows, where they came from (`source` starts every message about
+    them), a short `name` for the run, and the class order a `datasets` ClassLabel column declares
+    (column -> names; its values are already those names)."""
+
+    frame: pd.DataFrame
+    source: str
+    name: str
+    class_names: dict[str, list[str]]
+
+
+def _decode_utf8(path: Path) -> str:
+    """The file's text; a byte-order mark is dropped. Decoding here (rather than in pandas) gives
+    the exact position of a bad byte, which a user needs to find it."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        utf16 = raw[:2] in (b"\xff\xfe", b"\xfe\xff")
+        hint = " (it starts like UTF-16)" if utf16 else ""
+        raise DataError(f"{path}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at position {e.start}){hint}; "
+                        "save it as UTF-8") from None
+
+
+def _read_delimited(path: Path, sep: str) -> pd.DataFrame:
+    kind = "CSV" if sep == "," else "TSV"
+    text = _decode_utf8(path)
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty; a {kind} needs a header line with the column names, then rows")
+    try:
+        return pd.read_csv(io.StringIO(text), sep=sep)
+    except pd.errors.ParserError as e:
+        why = str(e).strip().removeprefix("Error tokenizing data. C error: ")
+        raise DataError(f"{path}: not a valid {kind} ({why}); every row needs as many fields as the header, and a "
+                        "field that holds the separator, a quote or a line break must be quoted") from None
+
+
+def _parse_json_lines(text: str, path: Path) -> pd.DataFrame:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {number} is not valid JSON ({e.msg} at column {e.colno}); each line must "
+                            "hold one JSON object") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {number} is a JSON {type(row).__name__}, not an object; each line must hold "
+                            'one record such as {"text": "...", "label": "..."}')
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: the file is empty (no JSON lines)")
+    return pd.DataFrame.from_records(rows)
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    return _parse_json_lines(_decode_utf8(path), path)
 
 
 def _read_json(path: Path) -> pd.DataFrame:
+    """A list of records, an object of equally long columns, one record, or JSON lines."""
+    text = _decode_utf8(path)
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
     try:
-        return pd.read_json(path, lines=True)
-    except ValueError:  # a single JSON array of records rather than JSON lines
-        return pd.read_json(path)
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # a second value after the first: JSON lines in a .json file
+            return _parse_json_lines(text, path)
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if isinstance(obj, list) and obj and all(isinstance(r, dict) for r in obj):
+        return pd.DataFrame.from_records(obj)
+    if isinstance(obj, dict) and obj:
+        columns = [v for v in obj.values() if isinstance(v, list)]
+        if len(columns) == len(obj) and len({len(v) for v in columns}) == 1:
+            return pd.DataFrame(obj)
+        if not columns or len(columns) < len(obj):
+            return pd.DataFrame.from_records([obj])  # a single record
+    raise DataError(f"{path}: holds no records; use a list of objects ([{{\"text\": ..., \"label\": ...}}, ...]), an "
+                    "object of equally long columns, or one object a line")
 
 
-_READERS[".json"] = _read_json
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path}: not a readable Parquet file ({e}); write it with pandas' DataFrame.to_parquet") from None
 
 
-def user_file(name: str, builtins: list[str], what: str) -> Path:
-    """The file a data name that is no built-in names, or a ValueError that says so (did you mean ...?)."""
+_READERS: dict[str, Callable[[Path], pd.DataFrame]] = {
+    ".csv": lambda p: _read_delimited(p, ","),
+    ".tsv": lambda p: _read_delimited(p, "\t"),
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".parquet": _read_parquet,
+}
+
+
+def _splits(available: list[str], split: str, source: str) -> list[str]:
+    """The splits `split` names ("train", or several joined with "+"), each one checked."""
+    names = [s.strip() for s in split.split("+")]
+    for s in names:
+        if s not in available:
+            close = difflib.get_close_matches(s, available, n=1, cutoff=0.0)
+            hint = f"; set data.split = {close[0]!r}" if close else ""
+            raise DataError(f"{source}: no split {s!r} (data.split); splits present: {available}{hint}")
+    return names
+
+
+def _frame_of(ds: Any) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """A `datasets.Dataset` as a DataFrame, ClassLabel columns as their names (-1, no label, as
+    missing), so a saved dataset reads as the table it was made from."""
+    import datasets
+
+    df = ds.to_pandas()
+    names: dict[str, list[str]] = {}
+    for col, feature in ds.features.items():
+        if isinstance(feature, datasets.ClassLabel):
+            names[col] = list(feature.names)
+            df[col] = [feature.names[int(v)] if pd.notna(v) and int(v) >= 0 else None for v in df[col]]
+    return df, names
+
+
+def _read_saved(path: Path, split: str) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    if not (path / "dataset_dict.json").is_file() and not (path / "state.json").is_file():
+        raise DataError(f"{path}: a folder, but not a dataset saved by datasets' save_to_disk (no dataset_dict.json "
+                        "or state.json in it); point data.name at a data file or at such a folder")
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except Exception as e:  # a damaged folder fails in many ways (missing shard, bad JSON, bad Arrow)
+        raise DataError(f"{path}: a saved dataset that cannot be read ({type(e).__name__}: {e}); "
+                        "save it again with save_to_disk") from None
+    if isinstance(saved, datasets.DatasetDict):
+        parts = [saved[s] for s in _splits(list(saved), split, str(path))]
+        saved = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return _frame_of(saved)
+
+
+def _read_hub(spec: str, split: str) -> tuple[pd.DataFrame, dict[str, list[str]], str]:
+    """``hf:<dataset>[:<config>]`` through `datasets.load_dataset`; (frame, class names, short name)."""
+    dataset, _, config = spec[len(HF_PREFIX):].partition(":")
+    if not dataset.strip():
+        raise ConfigError(f"data.name {spec!r}: name a dataset after 'hf:', e.g. 'hf:stanfordnlp/imdb' or "
+                          "'hf:nyu-mll/glue:sst2' (dataset:config)")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset, config or None, split=split)
+    except ConnectionError:
+        why = "offline" if datasets.config.HF_HUB_OFFLINE else "no network"
+        raise DataError(f"data.name {spec!r}: the Hugging Face hub is not reachable ({why}) and the dataset is not in "
+                        "the local datasets cache; download it where a network is available, save_to_disk, and point "
+                        "data.name at that folder") from None
+    except Exception as e:  # unknown id, unknown config or split, a loader's own failure
+        raise DataError(f"data.name {spec!r}: datasets.load_dataset({dataset!r}, {config or None!r}, split={split!r}) "
+                        f"failed ({type(e).__name__}: {e})") from None
+    frame, names = _frame_of(ds)
+    return frame, names, re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset.rsplit("/", 1)[-1] + (f"-{config}" if config else ""))
+
+
+def read_table(name: str, builtins: list[str], what: str, split: str = "train") -> Table:
+    """The user data `name` names (a file, a saved dataset folder, or an ``hf:`` spec), or a
+    DataError that says what is wrong with it (an unknown name suggests the closest built-in)."""
+    if name.startswith(HF_PREFIX):
+        frame, names, short = _read_hub(name, split)
+        return _nonempty(Table(frame, name, short, names))
     path = Path(name).expanduser()
+    if path.is_dir():
+        frame, names = _read_saved(path, split)
+        return _nonempty(Table(frame, str(path), path.name, names))
     if not path.is_file():
         close = difflib.get_close_matches(name, builtins, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise DataError(f"unknown {what} {name!r}: not a built-in ({', '.join(builtins)}) and no such file{hint}")
-    return path
-
-
-def _column(df: pd.DataFrame, column: str, role: str, path: Path) -> pd.Series:
-    if column in df.columns:
-        return df[column]
-    present = [str(c) for c in df.columns]
-    close = difflib.get_close_matches(column, present, n=1, cutoff=0.0)
-    hint = f"; closest match: {close[0]!r} (pass {role}_column={close[0]!r})" if close else ""
-    raise DataError(
-        f"{path}: no {role} column {column!r}; columns present: {present}{hint}"
-    )
-
-
-def _read_user_file(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[Any]]:
+        raise DataError(f"unknown {what} {name!r}: not a built-in ({', '.join(builtins)}), no such file or folder, and "
+                        f"not an '{HF_PREFIX}<dataset>' spec{hint}")
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
-        raise DataError(
-            f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(_READERS)}"
-        )
-    df = reader(path)
-    text = _column(df, text_column, "text", path)
-    label = _column(df, label_column, "label", path)
-    keep = text.notna() & label.notna()
-    return text[keep].astype(str).tolist(), label[keep].tolist()
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(_READERS)}, a folder "
+                        "written by datasets' save_to_disk, or 'hf:<dataset>'")
+    return _nonempty(Table(reader(path), str(path), path.stem, {}))
+
+
+def _nonempty(table: Table) -> Table:
+    if len(table.frame) == 0:
+        raise DataError(f"{table.source}: has columns {[str(c) for c in table.frame.columns]} but no rows")
+    return table
+
+
+def find_column(table: Table, wanted: str, role: str, *, fallback: str | None = None,
+                others: tuple[str, ...] = ()) -> str:
+    """The column for `role` (`wanted`, else `fallback`), or a DataError naming the columns present
+    and the closest one that no other role (`others`) already uses."""
+    df = table.frame
+    for c in (wanted, fallback):
+        if c is not None and c in df.columns:
+            return c
+    present = [str(c) for c in df.columns]
+    free = [c for c in present if c not in others]
+    close = difflib.get_close_matches(wanted, free, n=1, cutoff=0.0)
+    hint = f"; closest match: {close[0]!r} (set data.{role}_column = {close[0]!r})" if close else ""
+    if len(present) == 1 and any(sep in present[0] for sep in ("\t", ";", "|")):
+        hint += "; the header is one column holding a separator: is the file type (.csv/.tsv) right?"
+    nor = f" (nor {fallback!r})" if fallback else ""
+    raise DataError(f"{table.source}: no {role} column {wanted!r}{nor}; columns present: {present}{hint}")
+
+
+def _is_container(v: Any) -> bool:
+    return isinstance(v, (list, tuple, dict, set, np.ndarray))
+
+
+def _label_kind(v: Any) -> str:
+    if isinstance(v, (bool, np.bool_)):
+        return "boolean"
+    if isinstance(v, (int, np.integer)):
+        return "integer"
+    if isinstance(v, (float, np.floating)):
+        return "integer" if float(v).is_integer() else "fractional"
+    return "text"
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)) or v is pd.NA or v is pd.NaT
+
+
+def _clean(table: Table, text_column: str, label_column: str) -> tuple[list[str], list[Any]]:
+    """Texts and raw labels of a user's table, checked: one class per example, labels of one kind
+    (all text, all integers or all booleans), never fractions. Rows without a label or a text, or
+    whose text is only whitespace, are dropped, and a warning says how many of each."""
+    src = table.source
+    texts, labels = table.frame[text_column].tolist(), table.frame[label_column].tolist()
+    for col, values, role in ((text_column, texts, "text"), (label_column, labels, "label")):
+        bad = next((i for i, v in enumerate(values) if _is_container(v)), None)
+        if bad is not None:
+            kind = "list" if not isinstance(values[bad], dict) else "dict"
+            need = "exactly one class (multi-label data is not supported)" if role == "label" else "one text"
+            raise DataError(f"{src}: {role} column {col!r} holds a {kind} at row {bad} ({str(values[bad])[:60]}); each "
+                            f"example needs {need}: write one value per row")
+    no_label = [i for i, v in enumerate(labels) if _missing(v)]
+    no_text = [i for i, v in enumerate(texts) if _missing(v)]
+    dropped = set(no_label) | set(no_text)
+    blank = [i for i, v in enumerate(texts) if i not in dropped and not str(v).strip()]
+    dropped |= set(blank)
+    keep = [i for i in range(len(texts)) if i not in dropped]
+    labels = [labels[i] for i in keep]
+    kinds: dict[str, str] = {}  # kind -> its first value and row, for the message
+    for i, v in zip(keep, labels):
+        kinds.setdefault(_label_kind(v), f"{v.item() if isinstance(v, np.generic) else v!r} at row {i}")
+    if "fractional" in kinds:
+        raise DataError(f"{src}: label column {label_column!r} holds fractional numbers ({kinds['fractional']}); "
+                        "classification needs class labels, not scores: bin them into classes or set "
+                        "data.label_column to a class column")
+    if len(kinds) > 1:
+        seen = ", ".join(f"{k} ({first})" for k, first in kinds.items())
+        raise DataError(f"{src}: label column {label_column!r} mixes kinds of labels: {seen}; make every label the "
+                        "same kind (e.g. all text)")
+    parts = [f"{len(no_label)} without a label" if no_label else "",
+             f"{len(set(no_text) - set(no_label))} without a text" if set(no_text) - set(no_label) else "",
+             f"{len(blank)} whose text is only whitespace" if blank else ""]
+    if dropped:
+        warnings.warn(f"{src}: dropped {len(dropped)} of {len(texts)} rows ({', '.join(p for p in parts if p)}); "
+                      f"{len(keep)} examples remain", stacklevel=3)
+    if not keep:
+        raise DataError(f"{src}: no examples left: every row lacks a label or a text, or its text is only whitespace "
+                        f"(columns {text_column!r}, {label_column!r})")
+    return [str(texts[i]) for i in keep], labels
 
 
 def _encode_labels(raw: list[Any], order: tuple[str, ...] | None = None) -> tuple[np.ndarray, list[str]]:
@@ -211,7 +452,7 @@ def _encode_labels(raw: list[Any], order: tuple[str, ...] | None = None) -> tupl
         classes: list[Any] = list(order)
     else:
         uniq = set(raw)
-        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in uniq):
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in uniq):
             classes = sorted(uniq)
         elif all(isinstance(v, (float, np.floating)) and float(v).is_integer() for v in uniq):
             classes = sorted(uniq)  # ints that pandas read as floats (column had NaNs)
@@ -258,13 +499,16 @@ def load_dataset(
     label_column: str = "label",
     max_examples: int | None = None,
     seed: int = 0,
+    split: str = "train",
 ) -> TextDataset:
     """Load a built-in dataset (``rotten_tomatoes``, ``health_tweets``, ``trec``) or a
-    user file, offline (design.md §4).
+    user's data (a file, a ``save_to_disk`` folder or an ``hf:`` spec, see `read_table`;
+    ``split`` picks a DatasetDict's or a hub dataset's split) (design.md §4).
 
     ``max_examples`` keeps a seeded, stratified subsample (class proportions kept to
     within one example), in file order. Every mistake a user can make (unknown name,
-    package not installed, missing column) raises ValueError saying how to fix it.
+    package not installed, unreadable file, missing column, unusable labels, a single
+    class) raises a DataError saying how to fix it.
     """
     if max_examples is not None and (not isinstance(max_examples, (int, np.integer)) or max_examples < 1):
         raise ConfigError(f"max_examples must be a positive integer or None, got {max_examples!r}")
@@ -274,15 +518,26 @@ def load_dataset(
         texts, raw = spec.reader(_package_file(name, spec))
         texts, raw = _dedupe(texts, raw)
         labels, names = _encode_labels(raw, spec.label_order)
-        ds_name = name
+        ds_name, source = name, f"dataset {name!r}"
     else:
-        path = user_file(name, list(BUILTINS), "dataset")
-        texts, raw = _read_user_file(path, text_column, label_column)
-        labels, names = _encode_labels(raw)
-        ds_name = path.stem
+        table = read_table(name, list(BUILTINS), "dataset", split)
+        text = find_column(table, text_column, "text", others=(label_column,))
+        label = find_column(table, label_column, "label", others=(text,))
+        texts, raw = _clean(table, text, label)
+        order = table.class_names.get(label)
+        labels, names = _encode_labels(raw, tuple(order) if order else None)
+        ds_name, source = table.name, table.source
+        if order:  # a ClassLabel's classes no example has would be empty classes
+            present = sorted(set(labels.tolist()))
+            labels = np.searchsorted(present, labels).astype(np.int64)
+            names = [names[i] for i in present]
 
     if not texts:
         raise DataError(f"dataset {name!r} has no examples after cleaning")
+    if len(names) < 2:
+        col = f" (column {label_column!r})" if name not in BUILTINS else ""
+        raise DataError(f"{source}: every example has the label {names[0]!r}{col}: classification needs at least 2 "
+                        "classes; check data.label_column, or add examples of the other classes")
     if max_examples is not None and max_examples < len(texts):
         keep = _stratified_sample(labels, int(max_examples), np.random.default_rng(seed))
         texts = [texts[i] for i in keep]
@@ -348,6 +603,24 @@ def _cache_path(cache_dir: Path, cache_key: str, tokenizer: Any, max_length: int
     return cache_dir / f"{safe}-{h.hexdigest()[:20]}.npz"
 
 
+def check_cache_dir(cache_dir: str | Path) -> Path:
+    """`cache_dir` (the setting ``data.cache_dir``), created, once a file could be written in it;
+    else a ConfigError. Called before any data is read, so a run fails before it writes
+    anything rather than after minutes of tokenising."""
+    path = Path(cache_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        Path(probe).unlink()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise ConfigError(f"data.cache_dir {str(cache_dir)!r}: cannot write the tokenised data cache there ({why}: "
+                          f"{e.filename or path}); set data.cache_dir to a directory you can write to "
+                          "(--set data.cache_dir=DIR) or make that one writable") from None
+    return path
+
+
 def tokenize(
     texts: list[str],
     tokenizer: Any,
@@ -361,7 +634,9 @@ def tokenize(
     With ``cache_dir`` the result is stored as one ``.npz`` (all ids concatenated plus
     offsets), written atomically, under a name hashed from ``cache_key``, the
     tokenizer (name and vocab size), ``max_length`` and the texts themselves; a later
-    call with the same inputs loads it without tokenising.
+    call with the same inputs loads it without tokenising. The texts are part of the
+    name, so a data file or saved dataset that changed under the same name never gets
+    stale tokens (labels are not: tokens do not depend on them).
     """
     if max_length < 1:
         raise ConfigError(f"max_length must be >= 1, got {max_length}")

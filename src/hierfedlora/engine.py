@@ -92,7 +92,7 @@ def build_workload(cfg: ExperimentConfig, tokenizer, embedding: torch.Tensor | N
     if cfg.task.kind == "instruction":
         ds = instruct.load_instructions(d.name, answers=cfg.task.answers, prompt_column=d.prompt_column,
                                         input_column=d.input_column, response_column=d.response_column,
-                                        max_examples=d.max_examples, seed=s)
+                                        max_examples=d.max_examples, seed=s, split=d.split)
         ids, plens = instruct.encode(tokenizer, ds.prompts, ds.responses, cfg.model.max_length)
         labels, names = ds.labels, ds.label_names
         if ds.answers is None:
@@ -101,7 +101,8 @@ def build_workload(cfg: ExperimentConfig, tokenizer, embedding: torch.Tensor | N
         extra = {"prompt_lens": plens, "responses": ds.responses,
                  "answers": instruct.encode_answers(tokenizer, ds.answers) if ds.answers is not None else None}
     else:
-        ds = data_mod.load_dataset(d.name, d.text_column, d.label_column, d.max_examples, seed=s)
+        data_mod.check_cache_dir(d.cache_dir)  # before reading: an unwritable cache fails first
+        ds = data_mod.load_dataset(d.name, d.text_column, d.label_column, d.max_examples, seed=s, split=d.split)
         labels, names = ds.labels, ds.label_names
     train, val, test = data_mod.split_indices(labels, d.test_fraction, d.val_fraction, s)
     if d.max_test_examples is not None and len(test) > d.max_test_examples:

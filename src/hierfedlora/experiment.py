@@ -143,6 +143,25 @@ def prepare_run_dir(cfg: ExperimentConfig, out: Path, overwrite: bool, old: list
     dump_config(cfg, out / "config.toml")
 
 
+def check_data(cfg: ExperimentConfig) -> None:
+    """Read the run's data as the engine will, before the engine and the model load: a data or
+    `data.cache_dir` problem is then reported in seconds, not after a model is loaded (or
+    dequantised), and before anything is written. Its warnings (dropped rows) wait for the real read."""
+    import warnings
+
+    from hierfedlora import data, instruct
+
+    d = cfg.data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if cfg.task.kind == "instruction":
+            instruct.load_instructions(d.name, answers=cfg.task.answers, prompt_column=d.prompt_column,
+                                       input_column=d.input_column, response_column=d.response_column, split=d.split)
+        else:
+            data.check_cache_dir(d.cache_dir)
+            data.load_dataset(d.name, d.text_column, d.label_column, split=d.split)
+
+
 def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False, resume: bool = False,
                    progress: bool = True, export: bool = True, executor: Callable | None = None,
                    lineage: Lineage | None = None) -> dict[str, Any]:
@@ -151,10 +170,6 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
     SuperNodes). The run holds `out`'s lock (`run_lock`) from before it writes there to its end.
     With `[tracking]` on, rows, config and summary are mirrored to TensorBoard / MLflow
     (`tracking`); `lineage`: the run's name there and the comparison it belongs to."""
-    from tqdm.auto import tqdm
-
-    from hierfedlora.engine import CHECKPOINT, Simulation
-
     held = contextlib.ExitStack()
     if resume:
         check_writable(out)
@@ -162,6 +177,11 @@ def run_experiment(cfg: ExperimentConfig, out: Path, *, overwrite: bool = False,
     else:
         old = check_run_dir(out, overwrite)  # the entries of the run --overwrite replaces
     with held:
+        check_data(cfg)  # before the engine's imports: a data problem is reported in seconds
+        from tqdm.auto import tqdm
+
+        from hierfedlora.engine import CHECKPOINT, Simulation
+
         store = tracking.connect(cfg)  # a bad tracking URI fails here, before anything is written
         t0 = time.perf_counter()
         # every setup error (data, model, device, groups, depths) surfaces here, before anything is

