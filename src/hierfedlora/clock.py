@@ -3,7 +3,9 @@
 A local step costs a forward pass through every layer plus a backward pass through the trained
 layers only (the layers below get no backward); its FLOPs are counted from the real token lengths of
 the batch and divided by the device's sustained FLOP/s. A transfer costs latency + bytes/bandwidth.
-A group's round ends with its slowest member; a synchronous round ends when the last report lands.
+A group's round ends with its slowest member; a synchronous round ends when the last report lands,
+or when its aggregator stops waiting for a device that dropped out or missed `fleet.deadline_s`
+(`protocol.Exchange`, design.md §3 "Dropouts and the deadline").
 Nothing here reads the host's clock.
 """
 

@@ -79,6 +79,10 @@ class FleetConfig(_Section):
     num_devices: int = Field(20, ge=1, description="Devices drawn (seeded) from the fleet.")
     participation: float = Field(0.5, gt=0, le=1, description="Fraction of devices available each round.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Probability a selected device drops out of a round.")
+    deadline_s: float | None = Field(None, gt=0, allow_inf_nan=False, description=(
+        "How long an aggregator waits for a device's update in one exchange, in simulated seconds from sending it "
+        "its model; later updates are discarded (stragglers) and a dropped device is waited for this long. "
+        "Unset: no deadline, a dropped device is waited for as long as its job would have taken."))
     bandwidth_jitter: float = Field(0.0, ge=0, lt=1, description="Per-round WAN bandwidth factor ~ U(1-j, 1+j).")
     aggregator: Literal["edge", "ps"] = Field("edge", description="Group aggregator: an edge node on the LAN, or the PS itself (WAN).")
     bytes_per_param: int = Field(4, description="Wire size of one parameter (4 = float32, 2 = float16).")

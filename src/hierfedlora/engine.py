@@ -37,9 +37,10 @@ from hierfedlora.fast.model import FastModel
 from hierfedlora.fast.prefix_cache import PrefixCache
 from hierfedlora.fast.workers import ProcessExecutor, WorkerSetup
 from hierfedlora.fleet import DeviceProfile, availability, build_fleet, round_profiles
-from hierfedlora.lora_state import State, from_device, num_bytes, to_device
+from hierfedlora.lora_state import State, from_device, head_and_layers, num_bytes, to_device
 from hierfedlora.partition import label_histograms, partition
-from hierfedlora.protocol import DeviceJob, DevicePlan, Executor, Job, LocalTraining, Scores, SetupInfo, TrainResult
+from hierfedlora.protocol import (DeviceJob, DevicePlan, Exchange, Executor, Job, LocalTraining, Missed, Scores,
+                                  SetupInfo, TrainResult)
 from hierfedlora.strategies.registry import get_strategy, trainer_options
 
 CHECKPOINT = "checkpoint.pt"
@@ -271,36 +272,71 @@ class Simulation:
         return lowest if self.model.enable_prefix_cache(lowest, cache) else 0
 
     # -- the RoundContext the strategy sees ------------------------------------------------
-    def _train(self, ctx: "_RoundContext", jobs: list[Job]) -> list[TrainResult]:
-        """Send each job to its device through the executor; book bytes and simulated time."""
-        bpp, rnd, profiles, dropped = self.cfg.fleet.bytes_per_param, ctx.rnd, ctx.profiles, ctx.dropped
-        sent = []
+    def _train(self, ctx: "_RoundContext", jobs: list[Job]) -> Exchange:
+        """Send each job to its device through the executor; book bytes and simulated time.
+
+        One call is one exchange (design.md §3, "Dropouts and the deadline"): a device that drops
+        out has received its model (its download is booked) and sends nothing, and the aggregator
+        waits for it until `fleet.deadline_s`, or without one as long as its job would have taken;
+        an update that would arrive after the deadline is a straggler's, booked and discarded. A
+        device of `ctx.drops` drops out at its first exchange of the round and is gone for the
+        rest of it (its aggregator saw it miss and sends it nothing more); a device the executor
+        failed for is asked again at the next exchange, since a real node may come back.
+        """
+        bpp, rnd, profiles, deadline = self.cfg.fleet.bytes_per_param, ctx.rnd, ctx.profiles, self.cfg.fleet.deadline_s
+        sent, missed = [], []
         for job in jobs:
             plan, d = job.plan, job.plan.device
             self._check_memory(plan, profiles[d])
+            if d in ctx.drops and d in ctx.dropped:  # gone since an earlier exchange of this round
+                continue
+            payload = to_device(job.state, plan.ranks, self.global_ranks)
+            b_down = num_bytes(payload, bpp, plan.downloaded(payload))
             if d in ctx.drops:
-                dropped.add(d)
+                missed.append(self._drop(ctx, plan, payload, b_down))
                 continue
             k = ctx.calls.get(d, 0)
             ctx.calls[d] = k + 1
-            payload = to_device(job.state, plan.ranks, self.global_ranks)
-            sent.append((plan, payload, k, num_bytes(payload, bpp, plan.downloaded(payload))))
+            sent.append((plan, payload, k, b_down))
         outputs = self.executor.run(rnd, [DeviceJob(plan, payload, k) for plan, payload, k, _ in sent])
         results = []
         for (plan, payload, k, b_down), out in zip(sent, outputs):
             d = plan.device
             if out is None:  # the device failed while working on it
-                dropped.add(d)
+                missed.append(self._drop(ctx, plan, payload, b_down))
                 continue
             b_up = num_bytes(out.update, bpp)
             up_bw, down_bw, lat = profiles[d].link(plan.link)
             self.meter.add(plan.link, up=b_up, down=b_down)
-            results.append(TrainResult(
+            result = TrainResult(
                 device=d, update=from_device(out.update, plan.ranks, self.global_ranks), num_examples=out.num_examples,
                 train_loss=out.train_loss, compute_s=compute_time(out.flops, profiles[d]),
                 down_s=transfer_time(b_down, down_bw, lat), up_s=transfer_time(b_up, up_bw, lat),
-                bytes_down=b_down, bytes_up=b_up))
-        return results
+                bytes_down=b_down, bytes_up=b_up)
+            if deadline is not None and result.time_s > deadline:  # it still uploads; the aggregator discards it
+                ctx.stragglers.add(d)
+                missed.append(Missed(d, "straggler", deadline, b_down, b_up))
+                continue
+            results.append(result)
+        if not results and any(m.reason == "straggler" for m in missed):
+            warnings.warn(f"no update of an exchange arrived within fleet.deadline_s = {deadline:g} s: its aggregator "
+                          "keeps its model and the exchange lasts the deadline; raise fleet.deadline_s if every "
+                          "device should be able to make it", stacklevel=2)
+        return Exchange(results, missed)
+
+    def _drop(self, ctx: "_RoundContext", plan: DevicePlan, payload: State, b_down: int) -> Missed:
+        """A device that received its model and sent nothing: book its download; the aggregator
+        waits the deadline, or without one the predicted job, t_down + C(E, |trained|) + t_up
+        (`SetupInfo` predictions on this round's profile; upload = its trained layers + head)."""
+        d, profile, deadline = plan.device, ctx.profiles[plan.device], self.cfg.fleet.deadline_s
+        ctx.dropped.add(d)
+        self.meter.add(plan.link, down=b_down)
+        if deadline is not None:
+            return Missed(d, "dropped", deadline, b_down)
+        b_up = num_bytes(payload, self.cfg.fleet.bytes_per_param, head_and_layers(payload, plan.train_layers))
+        wait = (self.setup.predict_transfer_s(d, b_down, b_up, plan.link, profile)
+                + self.setup.predict_compute_s(d, len(plan.train_layers), plan.steps, profile))
+        return Missed(d, "dropped", wait, b_down)
 
     def _check_memory(self, plan: DevicePlan, profile: DeviceProfile) -> None:
         """Refuse a plan whose estimated training memory exceeds the device's (`SetupInfo.
@@ -413,6 +449,8 @@ class Simulation:
             "participants": len(report.participants), "participant_ids": report.participants,
             "dropped": sorted(ctx.dropped),
         }
+        if self.cfg.fleet.deadline_s is not None:
+            row["stragglers"] = sorted(ctx.stragglers)
         if rnd % self.cfg.run.eval_every == 0 or self.done:  # the last round is always evaluated
             row.update(self._eval_row())
         row.update(report.extra)
@@ -480,7 +518,8 @@ class _RoundContext:
     """`protocol.RoundContext` of one global round of `sim`: who is available, this round's profiles
     and randomness; training, transfers and validation go through the simulation, which books them.
     `drops`: devices that drop out if asked to train; `calls`: jobs each device ran this round (its
-    batches and seeds derive from it); `dropped`: who dropped (for the metrics row)."""
+    batches and seeds derive from it); `dropped`, `stragglers`: who dropped out, whose update came
+    after the deadline (for the metrics row)."""
 
     sim: Simulation
     rnd: int
@@ -490,8 +529,9 @@ class _RoundContext:
     rng: np.random.Generator
     calls: dict[int, int] = dataclasses.field(default_factory=dict)
     dropped: set[int] = dataclasses.field(default_factory=set)
+    stragglers: set[int] = dataclasses.field(default_factory=set)
 
-    def train(self, jobs: list[Job]) -> list[TrainResult]:
+    def train(self, jobs: list[Job]) -> Exchange:
         return self.sim._train(self, jobs)
 
     def transfer(self, nbytes_up: int, nbytes_down: int, link: str, profile: DeviceProfile) -> float:

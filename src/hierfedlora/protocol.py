@@ -2,8 +2,8 @@
 
 Data flows one way (docs/design.md): config -> data & model -> fleet -> a `Strategy` plans a round as
 `Job`s -> an `Executor` runs each as a `DeviceJob` on its device and returns a `JobOutput` -> the
-engine books time and traffic into a `TrainResult` -> the strategy aggregates and returns a
-`RoundReport`. Every type here is plain data or a protocol; this module imports no model code, so
+engine books time and traffic into a `TrainResult` (an `Exchange` of them, with the devices that
+missed it) -> the strategy aggregates and returns a `RoundReport`. Every type here is plain data or a protocol; this module imports no model code, so
 strategies, the device runtime, the engine and the Flower adapter can all depend on it and on
 nothing above it. A capability that a strategy or executor may have is declared here with its
 default (`strategies.base.StrategyBase`), never probed with `hasattr`.
@@ -11,7 +11,7 @@ default (`strategies.base.StrategyBase`), never probed with `hasattr`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -104,6 +104,42 @@ class TrainResult:
     @property
     def time_s(self) -> float:
         return self.down_s + self.compute_s + self.up_s
+
+
+@dataclass(frozen=True)
+class Missed:
+    """A device whose update its aggregator waited for and did not aggregate (design.md §3,
+    "Dropouts and the deadline"): it `"dropped"` out after receiving its model, or it is a
+    `"straggler"` whose update would have arrived after `fleet.deadline_s`. `wait_s` is how long
+    the aggregator waited for it, counted from sending it its model; `bytes_down` / `bytes_up`
+    are what it moved (and the meter booked)."""
+
+    device: int
+    reason: str  # "dropped" or "straggler"
+    wait_s: float
+    bytes_down: int
+    bytes_up: int = 0
+
+
+@dataclass
+class Exchange:
+    """What one `RoundContext.train` call gives back: the updates that arrived in time
+    (`results`, what the aggregator aggregates) and the devices it waited for in vain (`missed`).
+
+    An aggregator's exchange lasts until the last update arrives or the last wait ends, so the
+    duration comes from both lists: a dropped device or a straggler never shortens an exchange.
+    """
+
+    results: list[TrainResult]
+    missed: list[Missed] = field(default_factory=list)
+
+    def time_s(self, devices: Collection[int] | None = None) -> float:
+        """Duration of the exchange of `devices` (all when None), from sending the models:
+        T = max(max_k t_k over arrived updates, max_j w_j over missed devices); 0 for none."""
+        pick = None if devices is None else set(devices)
+        times = ([r.time_s for r in self.results if pick is None or r.device in pick]
+                 + [m.wait_s for m in self.missed if pick is None or m.device in pick])
+        return float(max(times, default=0.0))
 
 
 @dataclass
@@ -244,8 +280,9 @@ class RoundContext(Protocol):
     profiles: list[DeviceProfile]  # profiles in force this round (fluctuating bandwidth)
     rng: np.random.Generator  # seeded for this round: strategy randomness goes through it
 
-    def train(self, jobs: list[Job]) -> list[TrainResult]:
-        """Run the jobs on their devices; devices that drop out return nothing."""
+    def train(self, jobs: list[Job]) -> Exchange:
+        """Run the jobs on their devices as one exchange: the updates that arrive in time, and
+        the devices that dropped out or missed the deadline with how long each was waited for."""
 
     def transfer(self, nbytes_up: int, nbytes_down: int, link: str, profile: DeviceProfile) -> float:
         """Meter a transfer between an aggregator and the PS; returns its simulated seconds."""

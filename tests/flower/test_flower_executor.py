@@ -45,10 +45,11 @@ class TwoTier(StrategyBase):
         for k, g in enumerate(groups):
             gstate, gtime = state, 0.0
             for t in range(self.tau):
-                res = ctx.train([Job(self.plan(d, k, t), gstate) for d in g])
+                exchange = ctx.train([Job(self.plan(d, k, t), gstate) for d in g])
+                res = exchange.results
+                gtime += exchange.time_s()  # the waits for devices that failed count too
                 if res:
                     gstate = slot_average(gstate, [r.update for r in res], [r.num_examples for r in res])
-                    gtime += max(r.time_s for r in res)
                 results += res
             states.append(gstate)
             weights.append(sum(self.setup.num_examples[d] for d in g))

@@ -13,7 +13,7 @@ from hierfedlora.experiment import prepare_run_dir
 from hierfedlora.fleet import build_fleet
 from hierfedlora.lora_state import delta_w, from_device, to_device
 from hierfedlora.strategies import hetlora
-from hierfedlora.protocol import DevicePlan, TrainResult
+from hierfedlora.protocol import DevicePlan, Exchange, TrainResult
 from hierfedlora.protocol import LocalTraining
 from hierfedlora.strategies.registry import trainer_options
 from hierfedlora.device.train import local_train
@@ -127,7 +127,7 @@ class FakeCtx:
                     dev[k] = dev[k] + 0.1
                     dev[k][:, hetlora.tail_start(p.ranks[0], 0.5):] *= self.shrink
             out.append(TrainResult(p.device, from_device(dev, p.ranks, self.G), 10, 1.0, 1.0, 0.1, 0.1, 1, 1))
-        return out
+        return Exchange(out)
 
 
 def test_self_pruning_shrinks_ranks_when_the_tail_decays_and_round_trips(tiny_cfg):

@@ -13,7 +13,7 @@ from hierfedlora.engine import Simulation
 from hierfedlora.fleet import build_fleet, round_profiles
 from hierfedlora.lora_state import delta_w, from_device, to_device
 from hierfedlora.strategies import legend
-from hierfedlora.protocol import Layout, SetupInfo, TrainResult
+from hierfedlora.protocol import Exchange, Layout, SetupInfo, TrainResult
 
 ALPHA = 8.0
 
@@ -134,7 +134,7 @@ class FakeCtx:
             dev = to_device(job.state, p.ranks, self.G)
             up = {k: (v + 1.0 if k.endswith(".B") else v) for k, v in dev.items()}
             out.append(TrainResult(p.device, from_device(up, p.ranks, self.G), 10, 1.0, 1.0, 0.1, 0.1, 1, 1))
-        return out
+        return Exchange(out)
 
 
 def test_strategy_plans_reconfigures_on_schedule_and_round_trips():

@@ -10,6 +10,10 @@ same strategy runs in both. The seam types live in `hierfedlora.protocol`.
 Most methods (FedLoRA, top-k, HetLoRA, FlexLoRA, LEGEND) play one exchange per global round: every
 available device gets a plan, trains once, and the server aggregates. `OneShotStrategy` is that
 round; such a method is a `plan` function and an `aggregate` function.
+
+Time comes from `Exchange.time_s`, never from the results alone: an exchange lasts until its last
+update arrives or its aggregator stops waiting for a device that dropped out or missed the deadline
+(design.md §3), so every method, one-shot or hierarchical, charges those waits the same way.
 """
 
 from __future__ import annotations
@@ -61,12 +65,13 @@ class OneShotStrategy(StrategyBase):
 
     def run_round(self, rnd: int, state: State, ctx: RoundContext) -> tuple[State, RoundReport]:
         plans, metrics = self.plan(rnd, ctx)
-        results = ctx.train([Job(p, state) for p in plans])
-        if not results:  # everyone dropped: the model stays, the round still took the waiting time
-            return state, RoundReport(0.0, float("nan"), [], metrics)
+        exchange = ctx.train([Job(p, state) for p in plans])
+        results = exchange.results
+        if not results:  # no update arrived in time: the model stays, the round still took the waiting time
+            return state, RoundReport(exchange.time_s(), float("nan"), [], metrics)
         new, more = self.aggregate(state, results, {p.device: p for p in plans})
         return new, RoundReport(
-            sim_time_s=max(r.time_s for r in results),
+            sim_time_s=exchange.time_s(),  # the last update to arrive, or the longest wait for a missing one
             train_loss=weighted_loss(results),
             participants=[r.device for r in results],
             extra={**metrics, **more},

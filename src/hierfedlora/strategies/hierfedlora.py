@@ -29,7 +29,11 @@ time; the global round ends when the last group reports, design.md §3):
    it still applies the frozen group-model LoRA of the lower layers, so the plan gives every layer
    the global rank. From the second intra-group round on, devices already hold the frozen layers
    and download only the trained ones. The group aggregator takes the data-weighted FedAvg of the
-   trained layers and the head; lower layers stay as the global model had them. Intra-group round
+   trained layers and the head; lower layers stay as the global model had them. An intra-group
+   round lasts `Exchange.time_s` of the group's members: its slowest member's job, or its
+   aggregator's wait for a member that dropped out or missed `fleet.deadline_s` (design.md §3;
+   such an update is not averaged); a group none of whose updates arrives stops there for this
+   round. Intra-group round
    s of every group goes to the devices as one batch of jobs (the groups do not depend on each
    other within a round), so the simulator's workers can share out all groups' jobs at once.
 3. *Links* (design.md §3). With `fleet.aggregator = "edge"` devices talk to an edge aggregator over the
@@ -258,13 +262,14 @@ class Strategy(StrategyBase):
                         group_of[i] = k
             if not jobs:
                 break
-            res = ctx.train(jobs)
+            exchange = ctx.train(jobs)
             for k in sorted(set(group_of.values())):
-                mine = [r for r in res if group_of[r.device] == k]
-                if not mine:  # every member dropped out of this round
+                # the group's aggregator waits for its last member's update, or for a missing one
+                out[k][2] += exchange.time_s([i for i, g in group_of.items() if g == k])
+                mine = [r for r in exchange.results if group_of[r.device] == k]
+                if not mine:  # no member's update arrived (dropped out or past the deadline): the group stops
                     live.discard(k)
                     continue
-                out[k][2] += float(max(r.time_s for r in mine))
                 # x <- sum_i n_i x_i / sum_i n_i over the trained layers + head; lower layers keep the global value
                 out[k][0] = slot_average(out[k][0], [r.update for r in mine], [r.num_examples for r in mine])
                 out[k][1] += mine
