@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import write_synthetic
+from conftest import write_instructions, write_synthetic
 
 TINY = """\
 [run]
@@ -262,7 +263,8 @@ CASES = [
     Case("classes-per-device", R + S('partition.kind="pathological"', "partition.classes_per_device=5"),
          ("classes_per_device",)),
     Case("task-kind", R + S('task.kind="regression"'), ("task.kind",)),
-    Case("task-encoder-for-instruction", R + S('task.kind="instruction"'), ("tiny-bert", "decoder")),
+    Case("task-encoder-for-instruction", R + S('task.kind="instruction"', 'data.name="{file}"'), ("tiny-bert", "decoder"),
+         make=lambda f, p: {"file": str(write_instructions(f / "inst.csv", n=60))}),
     Case("task-answers", R + S('task.answers="maybe"'), ("task.answers",)),
     Case("section-typo", R + S("trian.lr=0.1"), ("trian", "train")),
     Case("key-typo", R + S("train.lrr=0.1"), ("lrr", "lr")),
@@ -332,10 +334,12 @@ CASES = [
     Case("compare-max-rounds-zero", ["compare", "{cfg}", "--max-rounds", "0", "--out", "{new}"], ("--max-rounds",)),
     Case("compare-out-file", ["compare", "{cfg}", "--methods", "fedlora", "--out", "{cfg}"], ("tiny.toml",)),
     Case("compare-bad-set", ["compare", "{cfg}", "--out", "{new}"] + S("train.lrr=1.0"), ("lrr",)),
-    Case("compare-variant-unknown-method", ["compare", "{file}", "--methods", "mine", "--out", "{new}"], ("nosuch",),
-         make=variants('[variants.mine]\nmethod = {name = "nosuch"}\n')),
-    Case("compare-variant-bad-key", ["compare", "{file}", "--methods", "mine", "--out", "{new}"], ("mine", "lrr"),
-         make=variants('[variants.mine]\nmethod = {name = "fedlora"}\ntrain = {lrr = 1.0}\n')),
+    Case("compare-variant-unknown-method", ["compare", "{file}", "--methods", "mine", "--out", "{new}"], ("mine", "nosuch"),
+         make=variants('[variants.mine]\nname = "nosuch"\n')),
+    Case("compare-variant-bad-key", ["compare", "{file}", "--methods", "mine", "--out", "{new}"], ("mine", "rank_budgte"),
+         make=variants('[variants.mine]\nname = "legend"\nrank_budgte = 3\n')),
+    Case("compare-variant-no-name", ["compare", "{file}", "--methods", "mine", "--out", "{new}"], ("variants.mine", "name"),
+         make=variants('[variants.mine]\nrank_budget = 3\n')),
     Case("report-no-runs", ["report", "{root}/empty"], ("empty",), make=lambda f, p: (f / "empty").mkdir() or {}),
     Case("report-missing-dir", ["report", "{root}/nope"], ("nope",)),
     Case("report-damaged-metrics", ["report", "{run}", "--out", "{new}"], ("metrics.jsonl",), make=damaged_metrics),
@@ -393,15 +397,19 @@ def outcomes(tmp_path_factory):
         more = case.make(folder, mine) if case.make else {}
         lock = more.pop("_lock", None)
         mine.update(more)
+        t0 = time.perf_counter()
         try:
             r = run_cli([a.format(**mine) for a in case.args], folder)
         finally:
             if lock is not None:
                 lock.release()
+        mine["_seconds"] = time.perf_counter() - t0
         return r, mine
 
     with ThreadPoolExecutor(2) as pool:
         results = dict(zip((c.id for c in CASES), pool.map(one, CASES)))
+    slow = sorted(results.items(), key=lambda kv: -kv[1][1]["_seconds"])[:25]
+    print("slowest cases:", ", ".join(f"{k} {v[1]['_seconds']:.1f}s" for k, v in slow))
     after = {"done": tree_digest(done), "inputs": {p: hashlib.sha256(Path(p).read_bytes()).hexdigest()
                                                      for p in (paths["data"], paths["cfg"])}}
     return results, earlier, after

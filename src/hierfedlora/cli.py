@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from hierfedlora.errors import AdapterError, ConfigError, UserError
+from hierfedlora.errors import AdapterError, ConfigError, RunDirError, UserError
 from hierfedlora.experiment import default_out, print_summary, run_experiment, select_run
 
 
@@ -80,6 +80,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
     out = Path(args.out) if args.out else default_out(args.config, prefix="compare-")
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"comparison directory '{out}' is a file, not a directory; pick another --out.")
     budget = args.budget
     if budget is not None and budget != "auto":
         try:

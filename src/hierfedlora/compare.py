@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,12 @@ def method_config(raw: dict[str, Any], variants: dict[str, dict[str, Any]], labe
     base = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     base["method"] = dict(variants[label]) if label in variants else {"name": label}
     base.setdefault("run", {})["seed"] = seed
-    return build_config(base, overrides)
+    try:
+        return build_config(base, overrides)
+    except ConfigError as e:
+        if label not in variants:
+            raise
+        raise ConfigError(f"[variants.{label}]: {e}") from None
 
 
 def run_comparison(config_path: str | None, methods: list[str], seeds: int, out: Path, overrides: list[str],
@@ -270,13 +276,34 @@ def _run_one(cfg: ExperimentConfig, run_dir: Path, progress: bool, lineage: Line
     run_experiment(cfg, run_dir, resume=resume, overwrite=not resume, progress=show, lineage=lineage)
 
 
+def _read(path: Path, parse: Callable[[str], Any]) -> Any:
+    """`parse` of a run file's text, or a named error saying the file is missing or damaged."""
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunDirError(f"{path} is missing; the run in {path.parent} is incomplete: resume or rerun it.") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSON, TOML and decoding errors are ValueErrors
+        raise RunDirError(f"{path} is damaged ({e}); restore it, or rerun the run in {path.parent}.") from None
+
+
+def _json_lines(text: str) -> list[Any]:
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise ValueError(f"line {i}: {e}") from None
+    return rows
+
+
 def load_run(d: Path) -> Run:
     """The finished run in directory `d`."""
     if not (d / "summary.json").is_file():
         raise RunDirError(f"no finished run (summary.json) in {d}")
-    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    s = json.loads((d / "summary.json").read_text())
-    cfg = tomllib.loads((d / "config.toml").read_text())
+    rows = _read(d / "metrics.jsonl", _json_lines)
+    s = _read(d / "summary.json", json.loads)
+    cfg = _read(d / "config.toml", tomllib.loads)
     label = d.parent.name if d.name.startswith("seed") else s.get("method", d.name)
     return Run(label, int(cfg.get("run", {}).get("seed", 0)), d, rows, s)
 

@@ -237,16 +237,28 @@ def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> Exp
 def read_toml(path: str | Path) -> dict[str, Any]:
     """A config file's tables, or a named error when it is missing or not TOML."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file '{p}' is a directory; give a .toml file (see configs/ for examples).")
     if not p.is_file():
         raise ConfigError(f"config file '{p}' not found (see configs/ for examples).")
     try:
-        return tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file '{p}' is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{p}' is not UTF-8 text (byte {e.object[e.start]:#04x} at position {e.start}); "
+                          "save it as UTF-8.") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    return build_config(read_toml(path) if path is not None else {}, overrides)
+    if path is None:
+        return build_config({}, overrides)
+    try:
+        return build_config(read_toml(path), overrides)
+    except ConfigError as e:
+        if str(e).startswith("config file"):
+            raise
+        raise ConfigError(f"config file '{path}'{' with --set overrides' if overrides else ''}: {e}") from None
 
 
 def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
