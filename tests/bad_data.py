@@ -3,7 +3,7 @@ directory and returns `(data.name, extra --set overrides, a substring the error 
 
 The substring names the source (file, folder, spec or setting) and the problem, so a test that finds
 it checks both. Tests run every case through `load_dataset` / `load_instructions` in-process and
-through `python -m hierfedlora.cli run` (tests/test_data.py), where each must end in one `error:`
+through `hierfedlora run` (tests/test_bad_input.py), where each must end in one `error:`
 line, exit status 2 and no run directory.
 """
 

@@ -1,10 +1,7 @@
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import bad_data
@@ -13,7 +10,6 @@ import pandas as pd
 import pytest
 import torch
 
-import hierfedlora
 from hierfedlora.config import build_config
 from hierfedlora.data import TextDataset, collate, load_dataset, split_indices, tokenize
 from hierfedlora.errors import ConfigError, DataError
@@ -228,36 +224,6 @@ def test_bad_data_gets_a_named_error(case, tmp_path, tiny_tokenizer):
             build_workload(cfg, tiny_tokenizer)
     assert expect in str(e.value)
     assert "\n" not in str(e.value)  # the CLI prints it as one line
-
-
-def test_cli_refuses_every_bad_data_case_before_writing(tmp_path):
-    """`hierfedlora run` on each case of tests/bad_data.py: exit 2, one `error:` line with the
-    expected text, no traceback, and no run directory."""
-    src = str(Path(hierfedlora.__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": src, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    jobs = []
-    for case in bad_data.CASES:
-        tmp = tmp_path / case.__name__
-        tmp.mkdir()
-        name, extra, expect = case(tmp)
-        args = [a for s in _sets(tmp, name, extra) for a in ("--set", s)]
-        cmd = [sys.executable, "-m", "hierfedlora.cli", "run", *args, "--out", str(tmp / "run"), "--quiet"]
-        jobs.append((case.__name__, tmp, expect, cmd))
-
-    def run(job):
-        _, tmp, _, cmd = job
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp, timeout=300)
-
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(run, jobs))
-    failures = []
-    for (case, tmp, expect, _), r in zip(jobs, results):
-        out = r.stdout + r.stderr
-        errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-        if (r.returncode != 2 or "Traceback" in out or len(errors) != 1 or expect not in errors[0]
-                or (tmp / "run").exists()):
-            failures.append(f"{case}: rc={r.returncode} run dir={(tmp / 'run').exists()}\n{out[-1500:]}")
-    assert not failures, "\n\n".join(failures)
 
 
 def _rows(n: int = 20) -> pd.DataFrame:
