@@ -27,7 +27,7 @@ from typing import Callable
 import pytest
 
 import bad_data
-from conftest import write_instructions, write_synthetic
+from synthetic import write_instructions, write_synthetic
 
 TINY = """\
 [run]
@@ -549,3 +549,11 @@ def test_forked_command_lines_match_fresh_interpreters(case_id: str, outcomes):
     error = lambda text: [line for line in text.splitlines() if line.startswith("error:")]  # noqa: E731
     assert fresh.returncode == r.returncode
     assert error(fresh.stdout + fresh.stderr) == error(r.stdout)
+
+
+@pytest.mark.parametrize("case_id", ["overwrite-bad-model-keeps-run", "overwrite-locked"])
+def test_a_refused_overwrite_leaves_the_old_run_whole(case_id: str, outcomes):
+    """--overwrite replaces a run only once the new one has set up (and holds the lock)."""
+    results, _, _ = outcomes
+    _, mine = results[case_id]
+    assert tree_digest(Path(mine["run"])) == tree_digest(Path(mine["done"]))
