@@ -360,7 +360,7 @@ def table(runs: list[Run], target: float, budget: float | None = None) -> list[d
             "bytes_total": float(np.mean([r.summary["bytes_total"] for r in rs])),
             "stopped_before_budget": [r.seed for r in rs if not r.reached_budget(budget)],
             "not_converged_at_budget": [r.seed for r in rs if budget is not None
-                                        and (converged_at(r) is None or converged_at(r) > budget)],
+                                        and _or_inf(converged_at(r)) > budget],
         })
     fed = next((r for r in rows if r["method"] == "fedlora"), None)
     for r in rows:
@@ -382,16 +382,22 @@ def _pm(mean: float | None, half: float | None, kind: str) -> str:
     return _fmt(mean, kind) + (f" ± {100 * half:.2f}" if half is not None and mean is not None else "")
 
 
+def _or_inf(t: float | None) -> float:
+    return math.inf if t is None else t
+
+
 def read_budget(out: Path) -> tuple[float | None, str]:
     """(budget, how it was set) of a compare directory (`budget.json`), or the runs' own budget."""
     p = out / "budget.json"
     if p.is_file():
-        b = json.loads(p.read_text())
+        b = _read(p, json.loads)
         return float(b["budget_s"]), b.get("rule", "given")
     return None, ""
 
 
-def write_report(runs: list[Run], out: Path, target: float | None = None, budget: float | None = None) -> Path:
+def write_report(runs: list[Run], out: Path, target: float | None = None) -> Path:
+    """report.md, table.json and the figures of `runs` in `out`; the budget is the comparison's
+    (budget.json), else the one every run ran under, else none."""
     from hierfedlora import plots
 
     keys = sorted({r.key for r in runs})
@@ -399,9 +405,7 @@ def write_report(runs: list[Run], out: Path, target: float | None = None, budget
         raise ConfigError(f"these runs are scored by different metrics ({', '.join(keys)}); compare runs with one "
                           "run.metric.")
     key = keys[0]
-    rule = "given"
-    if budget is None:
-        budget, rule = read_budget(out)
+    budget, rule = read_budget(out)
     if budget is None:  # runs that all ran under one budget of their own
         own = {r.summary.get("budget_s") for r in runs}
         budget = own.pop() if len(own) == 1 and None not in own else None

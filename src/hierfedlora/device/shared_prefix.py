@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,12 +38,12 @@ def common_prompt_length(prompts: list) -> int:
     its last token; 0 below `MIN_SHARED`."""
     if len(prompts) < 2:
         return 0
-    first, n = prompts[0], min(len(p) for p in prompts) - 1
-    for p in prompts[1:]:
-        k = 0
-        while k < n and p[k] == first[k]:
-            k += 1
-        n = k
+    n = min(len(p) for p in prompts) - 1
+    if n < MIN_SHARED:
+        return 0
+    head = np.stack([np.asarray(p[:n]) for p in prompts])
+    same = (head == head[:1]).all(0)  # per position: every prompt has the first one's token
+    n = int(np.argmin(same)) if not same.all() else n  # the first position where one differs
     return n if n >= MIN_SHARED else 0
 
 
