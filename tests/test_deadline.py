@@ -5,13 +5,14 @@ one-shot methods and HierFedLoRA's groups alike."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from hierfedlora.engine import Simulation
 from hierfedlora.fleet import EDGE_AGGREGATOR, MBIT, DeviceProfile
 from hierfedlora.lora_state import head_and_layers
-from hierfedlora.protocol import Exchange, Job, JobOutput, Missed, TrainResult
+from hierfedlora.protocol import Exchange, Job, JobOutput, Missed, Scores, TrainResult
 
 # tiny-bert, rank 4 in all 4 layers + the head (tests/test_engine.py): what every plan here moves
 B = (4 * 512 + 66) * 4
@@ -35,7 +36,7 @@ class StubExecutor:
                 for j in jobs]
 
     def evaluate(self, payload, ranks, batches):
-        return 1.0, 0.5
+        return Scores.of_classes(1.0, np.array([[1, 1], [0, 2]]))  # loss 1, accuracy 3/4
 
     def close(self):
         pass
