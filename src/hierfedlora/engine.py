@@ -37,7 +37,7 @@ from hierfedlora.fast.model import FastModel
 from hierfedlora.fast.prefix_cache import PrefixCache
 from hierfedlora.fast.workers import ProcessExecutor, WorkerSetup
 from hierfedlora.fleet import DeviceProfile, availability, build_fleet, round_profiles
-from hierfedlora.lora_state import State, from_device, head_and_layers, num_bytes, to_device
+from hierfedlora.lora_state import State, from_device, num_bytes, to_device
 from hierfedlora.partition import label_histograms, partition
 from hierfedlora.protocol import (DeviceJob, DevicePlan, Exchange, Executor, Job, LocalTraining, Missed, Scores,
                                   SetupInfo, TrainResult)
@@ -327,13 +327,13 @@ class Simulation:
     def _drop(self, ctx: "_RoundContext", plan: DevicePlan, payload: State, b_down: int) -> Missed:
         """A device that received its model and sent nothing: book its download; the aggregator
         waits the deadline, or without one the predicted job, t_down + C(E, |trained|) + t_up
-        (`SetupInfo` predictions on this round's profile; upload = its trained layers + head)."""
+        (`SetupInfo` predictions on this round's profile; upload = what it trains, `DevicePlan.uploaded`)."""
         d, profile, deadline = plan.device, ctx.profiles[plan.device], self.cfg.fleet.deadline_s
         ctx.dropped.add(d)
         self.meter.add(plan.link, down=b_down)
         if deadline is not None:
             return Missed(d, "dropped", deadline, b_down)
-        b_up = num_bytes(payload, self.cfg.fleet.bytes_per_param, head_and_layers(payload, plan.train_layers))
+        b_up = num_bytes(payload, self.cfg.fleet.bytes_per_param, plan.uploaded(payload))
         wait = (self.setup.predict_transfer_s(d, b_down, b_up, plan.link, profile)
                 + self.setup.predict_compute_s(d, len(plan.train_layers), plan.steps, profile))
         return Missed(d, "dropped", wait, b_down)

@@ -21,7 +21,7 @@ import torch
 
 from hierfedlora.clock import ModelCost, compute_time, step_flops, train_memory_bytes, transfer_time
 from hierfedlora.fleet import DeviceProfile
-from hierfedlora.lora_state import State, head_and_layers
+from hierfedlora.lora_state import State, head_and_layers, parse_key
 from hierfedlora.metrics import accuracy, macro_f1
 
 
@@ -52,12 +52,14 @@ class DevicePlan:
     """What one device does in one (intra-group) round.
 
     `ranks` maps every layer whose LoRA the device applies to its rank there (layers left out run
-    without LoRA); `train_layers` is the subset whose LoRA trains. The device downloads the applied
-    layers and the head (`download="all"`) or, when it already holds the frozen ones from earlier in
-    this global round, only the trained layers and the head (`download="trained"`). It uploads the
-    trained layers and the head. `link` is the network it talks over: "wan" to the parameter server,
-    "lan" to its group aggregator. `options` carries method-specific trainer options (e.g. a
-    regulariser), each a name that its method declares in `TRAINER_OPTIONS` (see `registry`).
+    without LoRA); `train_layers` is the subset whose LoRA trains, and `frozen_factors` names the
+    LoRA factors ("A", "B") that stay fixed even there (FFA-LoRA freezes A; default: both train).
+    What trains is what the device uploads (`uploaded`): the trained layers' trained factors and
+    the head. It downloads the applied layers and the head (`download="all"`) or, when it already
+    holds the rest from an earlier exchange, only what it trains (`download="trained"`). `link` is
+    the network it talks over: "wan" to the parameter server, "lan" to its group aggregator.
+    `options` carries method-specific trainer options (e.g. a regulariser), each a name that its
+    method declares in `TRAINER_OPTIONS` (see `registry`).
     """
 
     device: int
@@ -67,6 +69,7 @@ class DevicePlan:
     link: str = "wan"
     download: str = "all"
     options: dict[str, Any] = field(default_factory=dict)
+    frozen_factors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         bad = [l for l in self.train_layers if self.ranks.get(l, 0) <= 0]
@@ -74,11 +77,19 @@ class DevicePlan:
             raise ValueError(f"device {self.device}: trains layers {bad} that have no LoRA rank in its plan")
         if self.download not in ("all", "trained") or self.link not in ("wan", "lan"):
             raise ValueError(f"device {self.device}: bad download '{self.download}' or link '{self.link}'")
+        if not set(self.frozen_factors) <= {"A", "B"}:
+            raise ValueError(f"device {self.device}: frozen_factors {self.frozen_factors} names a factor other than A, B")
+
+    def uploaded(self, payload: State) -> list[str]:
+        """The keys of `payload` the device trains and sends back: the head's and the trained
+        layers' factors but those in `frozen_factors`."""
+        frozen = set(self.frozen_factors)
+        return [k for k in head_and_layers(payload, self.train_layers) if (p := parse_key(k)) is None or p[2] not in frozen]
 
     def downloaded(self, payload: State) -> list[str]:
         """The keys of `payload` the device downloads (and the meter counts): all of them, or with
-        `download="trained"` only the trained layers' and the head's."""
-        return list(payload) if self.download == "all" else head_and_layers(payload, self.train_layers)
+        `download="trained"` only what it trains (`uploaded`)."""
+        return list(payload) if self.download == "all" else self.uploaded(payload)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from hierfedlora.protocol import DevicePlan
 
 
 def test_plan_and_state_survive_the_wire():
-    plan = DevicePlan(3, {1: 2, 2: 4, 3: 4}, (2, 3), 5, link="lan", download="trained", options={"prune": 0.1})
+    plan = DevicePlan(3, {1: 2, 2: 4, 3: 4}, (2, 3), 5, link="lan", download="trained", options={"prune": 0.1},
+                      frozen_factors=("A",))
     rec = wire.plan_record(plan, rnd=7, call=2, tag="t", base_tag="b")
     assert wire.plan_from_record(rec) == (plan, 7, 2)
     state = {"2.query.A": torch.randn(4, 8), "2.query.B": torch.randn(8, 4), "head.classifier.bias": torch.randn(2)}

@@ -12,7 +12,7 @@ from hierfedlora.strategies.registry import get_strategy
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("method", ["hetlora", "flexlora", "legend", "hierfedlora", "hierfavg"])
+@pytest.mark.parametrize("method", ["hetlora", "flexlora", "legend", "hierfedlora", "hierfavg", "ffalora"])
 def test_config_file_differs_from_fedlora_only_in_method(method):
     path = ROOT / "configs" / f"{method}.toml"
     d, b = load_config(path).to_dict(), load_config(ROOT / "configs" / "fedlora.toml").to_dict()

@@ -19,6 +19,7 @@ import contextlib
 import importlib.util
 import os
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -281,28 +282,34 @@ def head_parameters(peft_model: nn.Module, heads: list[str]) -> dict[str, nn.Par
             for name, p in getattr(inner, h).modules_to_save["default"].named_parameters()}
 
 
-def put_factors(a: torch.Tensor, b: torch.Tensor, payload: State, layer: int, sub: str, r: int, trains: bool) -> None:
+def put_factors(a: torch.Tensor, b: torch.Tensor, payload: State, layer: int, sub: str, r: int, trains: bool,
+                frozen: Collection[str] = ()) -> None:
     """A device's rank-r LoRA slots of one module into the physical-rank factors (the rest zero),
-    trainable if the layer trains (call without gradients)."""
+    trainable if the layer trains, but for the factors named in `frozen` (`DevicePlan.
+    frozen_factors`; call without gradients)."""
     a.zero_()
     b.zero_()
     if r > 0:
         a[:r] = payload[lora_key(layer, sub, "A")]
         b[:, :r] = payload[lora_key(layer, sub, "B")]
-    a.requires_grad_(trains and r > 0)
-    b.requires_grad_(trains and r > 0)
+    a.requires_grad_(trains and r > 0 and "A" not in frozen)
+    b.requires_grad_(trains and r > 0 and "B" not in frozen)
 
 
 def state_of(factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], head: dict[str, torch.Tensor],
-             layers: list[int] | tuple[int, ...], ranks: dict[int, int], with_head: bool = True) -> State:
+             layers: list[int] | tuple[int, ...], ranks: dict[int, int], with_head: bool = True,
+             frozen: Collection[str] = ()) -> State:
     """A device's tensors of the given layers (device convention, rank r: the first r slots of each
-    physical-rank factor pair (A, B) by (layer, module)) and, with `with_head`, its head, copied."""
+    physical-rank factor pair (A, B) by (layer, module)) but the factors named in `frozen`, and,
+    with `with_head`, its head, copied."""
     out: State = {}
     for (layer, sub), (a, b) in sorted(factors.items(), key=lambda kv: kv[0]):
         if layer in layers and ranks.get(layer, 0) > 0:
             r = ranks[layer]
-            out[lora_key(layer, sub, "A")] = a.detach()[:r].cpu().clone()
-            out[lora_key(layer, sub, "B")] = b.detach()[:, :r].cpu().clone()
+            if "A" not in frozen:
+                out[lora_key(layer, sub, "A")] = a.detach()[:r].cpu().clone()
+            if "B" not in frozen:
+                out[lora_key(layer, sub, "B")] = b.detach()[:, :r].cpu().clone()
     if with_head:
         for k, p in head.items():
             out[k] = p.detach().cpu().clone()
@@ -371,12 +378,15 @@ class LocalModel:
         return state
 
     @torch.no_grad()
-    def load(self, payload: State, ranks: dict[int, int], train_layers: tuple[int, ...] | list[int] = (), train_head: bool = True) -> None:
-        """Take on a device's plan: its LoRA slots (device convention), scales, and what trains."""
+    def load(self, payload: State, ranks: dict[int, int], train_layers: tuple[int, ...] | list[int] = (), train_head: bool = True,
+             frozen_factors: Collection[str] = ()) -> None:
+        """Take on a device's plan: its LoRA slots (device convention), scales, and what trains
+        (the LoRA of `train_layers` but the factors in `frozen_factors`, and the head)."""
         trained = set(train_layers)
         for (layer, sub), mod in self.lora.items():
             r = ranks.get(layer, 0)
-            put_factors(mod.lora_A["default"].weight, mod.lora_B["default"].weight, payload, layer, sub, r, layer in trained)
+            put_factors(mod.lora_A["default"].weight, mod.lora_B["default"].weight, payload, layer, sub, r, layer in trained,
+                        frozen_factors)
             mod.scaling["default"] = self.alpha / r if r > 0 else 0.0
         for k, p in self.head.items():
             p.copy_(payload[k])
@@ -386,9 +396,11 @@ class LocalModel:
         """The loaded LoRA factors (A, B) of each (layer, module), physical rank."""
         return {k: (mod.lora_A["default"].weight, mod.lora_B["default"].weight) for k, mod in self.lora.items()}
 
-    def extract(self, layers: list[int] | tuple[int, ...], ranks: dict[int, int], head: bool = True) -> State:
-        """The device's current tensors of the given layers (device convention, rank r) and the head."""
-        return state_of(self.factors(), self.head, layers, ranks, head)
+    def extract(self, layers: list[int] | tuple[int, ...], ranks: dict[int, int], head: bool = True,
+                frozen_factors: Collection[str] = ()) -> State:
+        """The device's current tensors of the given layers (device convention, rank r) but the
+        factors in `frozen_factors`, and the head."""
+        return state_of(self.factors(), self.head, layers, ranks, head, frozen_factors)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.peft.parameters() if p.requires_grad]

@@ -1,4 +1,5 @@
-"""Local training on one device (design.md §2.3): LoRA of the planned layers + head, layers below frozen.
+"""Local training on one device (design.md §2.3): LoRA of the planned layers (but the factors the plan
+freezes) + head, layers below frozen.
 
 Pure in what matters: the result depends only on the payload, the plan, the batches and the seed,
 so the simulator, a resumed run and a Flower SuperNode all compute the same update.
@@ -81,8 +82,9 @@ def make_batches(ids: list[np.ndarray], labels: np.ndarray, picks: list[np.ndarr
 def local_train(model: LocalModel, payload: State, plan: DevicePlan, batches: list[dict[str, torch.Tensor]],
                 settings: LocalTraining, seed: int) -> tuple[State, float]:
     """Train the plan's layers for len(batches) steps with AdamW; returns (update in device
-    convention: trained layers + head, mean training loss). `seed` seeds dropout."""
-    model.load(payload, plan.ranks, plan.train_layers)
+    convention: trained layers but `plan.frozen_factors`, + head; mean training loss). `seed`
+    seeds dropout."""
+    model.load(payload, plan.ranks, plan.train_layers, frozen_factors=plan.frozen_factors)
     lowest = min(plan.train_layers) if plan.train_layers else model.num_layers
     model.train_mode(lowest)
     params = model.trainable_parameters()
@@ -99,7 +101,7 @@ def local_train(model: LocalModel, payload: State, plan: DevicePlan, batches: li
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return model.extract(plan.train_layers, plan.ranks), total / max(1, len(batches))
+    return model.extract(plan.train_layers, plan.ranks, frozen_factors=plan.frozen_factors), total / max(1, len(batches))
 
 
 def job_inputs(model: LocalModel, data: DeviceData, job: DeviceJob, rnd: int,

@@ -12,6 +12,7 @@ join (`joinable`); `run_jobs` cuts a list of jobs into groups (`joined_groups`).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,14 +139,15 @@ def can_join(model: FastModel) -> bool:
             and all(parse_head_key(k)[0] == "classifier" for k in model.head))
 
 
-def device_factors(model: FastModel, payload: State, ranks: dict[int, int], trained: set[int]) -> DeviceFactors:
+def device_factors(model: FastModel, payload: State, ranks: dict[int, int], trained: set[int],
+                   frozen_factors: Collection[str] = ()) -> DeviceFactors:
     """A device's LoRA factors and head as `load` sets them, in tensors of their own that train
-    where `load` would train them."""
+    where `load` would train them (not the factors in `frozen_factors`)."""
     lora = {}
     with torch.no_grad():
         for (layer, sub), mod in model.lora.items():
             ab = torch.empty_like(mod.lora_A["default"].weight), torch.empty_like(mod.lora_B["default"].weight)
-            put_factors(*ab, payload, layer, sub, ranks.get(layer, 0), layer in trained)
+            put_factors(*ab, payload, layer, sub, ranks.get(layer, 0), layer in trained, frozen_factors)
             lora[mod] = ab
         head = {_SAVED + parse_head_key(k)[1]: payload[k].to(model.device, copy=True).requires_grad_(True)
                 for k in model.head}
@@ -153,22 +155,23 @@ def device_factors(model: FastModel, payload: State, ranks: dict[int, int], trai
 
 
 def load_joined(model: FastModel, payloads: list[State], ranks: dict[int, int],
-                train_layers: tuple[int, ...] | list[int]) -> list[DeviceFactors]:
+                train_layers: tuple[int, ...] | list[int], frozen_factors: Collection[str] = ()) -> list[DeviceFactors]:
     """Take on several devices' payloads of one plan: the scales and modes of `load`, each
     device's factors and head in `DeviceFactors`; the prefix cache serves them only if it may
     serve every one of them."""
-    model.load(payloads[0], ranks, train_layers)
+    model.load(payloads[0], ranks, train_layers, frozen_factors=frozen_factors)
     for p in payloads[1:]:
         model.also_serve(p, ranks, train_layers)
     trained = set(train_layers)
-    return [device_factors(model, p, ranks, trained) for p in payloads]
+    return [device_factors(model, p, ranks, trained, frozen_factors) for p in payloads]
 
 
 def extract_joined(model: FastModel, factors: DeviceFactors, layers: list[int] | tuple[int, ...],
-                   ranks: dict[int, int]) -> State:
-    """`LocalModel.extract` for a device of a joined batch: its own factors and head."""
+                   ranks: dict[int, int], frozen_factors: Collection[str] = ()) -> State:
+    """`LocalModel.extract` for a device of a joined batch: its own factors (but `frozen_factors`) and head."""
     return state_of({k: factors.lora[mod] for k, mod in model.lora.items()},
-                    {k: factors.head[_SAVED + parse_head_key(k)[1]] for k in model.head}, layers, ranks)
+                    {k: factors.head[_SAVED + parse_head_key(k)[1]] for k in model.head}, layers, ranks,
+                    frozen=frozen_factors)
 
 
 def joined_logits(model: FastModel, batches: list[dict[str, torch.Tensor]], factors: list[DeviceFactors],
@@ -195,7 +198,7 @@ def local_train_joined(model: FastModel, items: list[tuple[State, DevicePlan, li
     (`joined_logits`), each device with its own factors, head, optimiser and dropout stream, so
     each gets exactly what `local_train` gives it alone."""
     plan = items[0][1]
-    factors = load_joined(model, [payload for payload, _, _, _ in items], plan.ranks, plan.train_layers)
+    factors = load_joined(model, [payload for payload, _, _, _ in items], plan.ranks, plan.train_layers, plan.frozen_factors)
     model.train_mode(min(plan.train_layers) if plan.train_layers else model.num_layers)
     opts = [torch.optim.AdamW([t for t in f.parameters() if t.requires_grad], lr=settings.lr, weight_decay=settings.weight_decay)
             for f in factors]
@@ -220,17 +223,17 @@ def local_train_joined(model: FastModel, items: list[tuple[State, DevicePlan, li
         loss.backward()
         for opt in opts:
             opt.step()
-    return [(extract_joined(model, f, plan.train_layers, plan.ranks), t / max(1, len(items[0][2])))
+    return [(extract_joined(model, f, plan.train_layers, plan.ranks, plan.frozen_factors), t / max(1, len(items[0][2])))
             for f, t in zip(factors, totals)]
 
 
 def joinable(model: FastModel, plans: list[DevicePlan], sizes: list[int], batch_size: int) -> bool:
-    """Whether these jobs can be joined (`local_train_joined`): the same layers, ranks and steps,
-    no method-specific options, and batches no smaller than the products' MIN_ROWS (`sizes`: each
+    """Whether these jobs can be joined (`local_train_joined`): the same layers, ranks, frozen
+    factors and steps, no method-specific options, and batches no smaller than the products' MIN_ROWS (`sizes`: each
     device's examples), so every product has the shape it has alone."""
     p = plans[0]
-    same = all(q.ranks == p.ranks and q.train_layers == p.train_layers and q.steps == p.steps and not q.options
-               for q in plans)
+    same = all(q.ranks == p.ranks and q.train_layers == p.train_layers and q.frozen_factors == p.frozen_factors
+               and q.steps == p.steps and not q.options for q in plans)
     return same and can_join(model) and min(min(batch_size, n) for n in sizes) >= MIN_ROWS
 
 

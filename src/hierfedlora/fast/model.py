@@ -14,6 +14,7 @@ results do not depend on padding, packing or caching.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection
 
 import numpy as np
 import torch
@@ -123,8 +124,9 @@ class FastModel(LocalModel):
 
     # -- LocalModel, faster -----------------------------------------------------------------
     @torch.no_grad()
-    def load(self, payload: State, ranks: dict[int, int], train_layers: tuple[int, ...] | list[int] = (), train_head: bool = True) -> None:
-        super().load(payload, ranks, train_layers, train_head)
+    def load(self, payload: State, ranks: dict[int, int], train_layers: tuple[int, ...] | list[int] = (), train_head: bool = True,
+             frozen_factors: Collection[str] = ()) -> None:
+        super().load(payload, ranks, train_layers, train_head, frozen_factors)
         if self.decoder_prefix is not None:
             dp = self.decoder_prefix
             self._prefix_on = (not train_layers or min(train_layers) >= dp.cached_layers) and dp.serves(

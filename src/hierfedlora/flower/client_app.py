@@ -172,7 +172,7 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"this node plays device {setup['partition-id']} but got a plan for device {plan.device}")
     payload = wire.record_to_state(msg.content.array_records[wire.PAYLOAD])
     base_tag = str(plan_rec["base-tag"])
-    if base_tag:  # frozen layers come from the copy downloaded earlier this round
+    if base_tag:  # frozen layers and factors come from the copy downloaded earlier
         held_tag = context.state.config_records.get(HELD_TAG)
         if held_tag is None or str(held_tag["tag"]) != base_tag or HELD not in context.state.array_records:
             return Message(wire.status_content(wire.STALE_BASE, f"holds {held_tag['tag'] if held_tag else None}"),

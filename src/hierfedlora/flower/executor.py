@@ -303,7 +303,7 @@ class FlowerExecutor:
         w.row.sent_keys = len(send)
 
     def _to_send(self, w: _Job, full: bool) -> tuple[State, str]:
-        """(tensors, base tag): only the trained layers + head, with the tag of the device's copy,
+        """(tensors, base tag): only what the device trains (`DevicePlan.uploaded`), with the tag of its copy,
         when the device verifiably holds the frozen ones (`held` mirrors what each device keeps);
         else the whole payload and no base."""
         plan, payload, _ = w.job

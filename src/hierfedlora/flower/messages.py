@@ -4,13 +4,13 @@ One module owns the wire format so the server side (`executor`) and the device s
 cannot drift apart. A training message carries
 
 - ``"payload"`` (ArrayRecord): the LoRA tensors of the device's plan, device convention
-  (`lora_state.to_device`); with ``download="trained"`` only the trained layers and the head,
-  the device takes the frozen layers from the copy it kept (``base-tag`` names that copy);
-- ``"plan"`` (ConfigRecord): device, round, call index, steps, ranks, trained layers, link,
-  download, method extras, and the tags of the held copy;
+  (`lora_state.to_device`); with ``download="trained"`` only what it trains (`DevicePlan.uploaded`),
+  the device takes the frozen layers and factors from the copy it kept (``base-tag`` names that copy);
+- ``"plan"`` (ConfigRecord): device, round, call index, steps, ranks, trained layers, frozen
+  LoRA factors, link, download, method extras, and the tags of the held copy;
 - ``"train"`` (ConfigRecord): seed and training settings, and the experiment's fingerprint.
 
-The reply carries ``"update"`` (ArrayRecord: trained layers + head) and ``"metrics"``
+The reply carries ``"update"`` (ArrayRecord: trained layers' trained factors + head) and ``"metrics"``
 (MetricRecord: train loss, FLOPs, examples, and the bytes the device measured it received), or
 ``"status"`` (ConfigRecord) when the device cannot take the job as sent (e.g. its held copy is gone).
 Rank maps and layer lists travel as JSON strings: ConfigRecord lists must be non-empty and
@@ -72,7 +72,7 @@ def plan_record(plan: DevicePlan, rnd: int, call: int, tag: str, base_tag: str) 
         "ranks": json.dumps({str(l): int(r) for l, r in sorted(plan.ranks.items())}),
         "train-layers": json.dumps([int(l) for l in plan.train_layers]),
         "link": plan.link, "download": plan.download, "options": json.dumps(plan.options, sort_keys=True),
-        "tag": tag, "base-tag": base_tag,
+        "frozen-factors": json.dumps(list(plan.frozen_factors)), "tag": tag, "base-tag": base_tag,
     })
 
 
@@ -83,7 +83,7 @@ def plan_from_record(rec: ConfigRecord) -> tuple[DevicePlan, int, int]:
         ranks={int(l): int(r) for l, r in json.loads(str(rec["ranks"])).items()},
         train_layers=tuple(int(l) for l in json.loads(str(rec["train-layers"]))),
         steps=int(rec["steps"]), link=str(rec["link"]), download=str(rec["download"]),
-        options=json.loads(str(rec["options"])),
+        options=json.loads(str(rec["options"])), frozen_factors=tuple(json.loads(str(rec["frozen-factors"]))),
     )
     return plan, int(rec["round"]), int(rec["call"])
 

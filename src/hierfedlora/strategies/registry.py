@@ -1,5 +1,5 @@
 """Method registry: every module in `hierfedlora.strategies` that defines NAME, Settings and
-Strategy is a method, so adding one (FFA-LoRA, FedSA-LoRA, ...) is adding one module (docs/design.md §2).
+Strategy is a method, so adding one (FedSA-LoRA, FedRA, ...) is adding one module (docs/design.md §2).
 
 A method that needs the device to do more than minimise the task loss declares it in the module's
 `TRAINER_OPTIONS` ({name in `DevicePlan.options`: loss term}); `trainer_options` collects them for
