@@ -77,8 +77,8 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.Comp
 
 # A command line run in a child forked from a process that has imported the package once: each case
 # is its own process with its own exit status and output, as `python -m hierfedlora.cli` would be,
-# without paying the ~5 s of torch/transformers imports per case (the suite would take minutes
-# longer). Nothing has run a torch operation in the parent, so no thread pool is forked half-way.
+# without paying the torch/transformers imports once per case (most of a case's time). Nothing has
+# run a torch operation in the parent, so no thread pool is forked half-way.
 # `test_forked_command_lines_match_fresh_interpreters` checks the two agree.
 FORK_SERVER = r"""
 import json, os, sys, traceback
