@@ -85,6 +85,9 @@ class FleetConfig(_Section):
         "Unset: no deadline, a dropped device is waited for as long as its job would have taken."))
     bandwidth_jitter: float = Field(0.0, ge=0, lt=1, description="Per-round WAN bandwidth factor ~ U(1-j, 1+j).")
     aggregator: Literal["edge", "ps"] = Field("edge", description="Group aggregator: an edge node on the LAN, or the PS itself (WAN).")
+    secure_aggregation: bool = Field(False, description=(
+        "Aggregators see only the data-weighted sum of their devices' updates, never one update (SecAgg+ on "
+        "Flower, a plain sum in process; docs/flower.md). Methods whose rule needs each update refuse it."))
     bytes_per_param: int = Field(4, description="Wire size of one parameter (4 = float32, 2 = float16).")
     backward_ratio: float = Field(1.0, gt=0, description="Backward FLOPs of a LoRA layer relative to its forward.")
 
@@ -231,7 +234,27 @@ def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> Exp
     except ValidationError as e:
         raise ConfigError(_format_errors(e, ExperimentConfig)) from None
     cfg.method_settings()  # validate the method section now, not mid-run
+    check_secure_aggregation(cfg)
     return cfg
+
+
+def check_secure_aggregation(cfg: ExperimentConfig) -> None:
+    """Refuse `fleet.secure_aggregation` for a method whose aggregation needs each device's update
+    (its `secure_aggregation_refusal` says why), or with a deadline (a late update is already in the sum)."""
+    if not cfg.fleet.secure_aggregation:
+        return
+    from hierfedlora.strategies.registry import available, get_strategy
+
+    name = cfg.method.get("name", "fedlora")
+    reason = get_strategy(name).strategy.secure_aggregation_refusal
+    if reason is not None:
+        ok = sorted(n for n, e in available().items() if e.strategy.secure_aggregation_refusal is None)
+        raise ConfigError(f"fleet.secure_aggregation: method '{name}' cannot run under secure aggregation: {reason}. "
+                          f"Turn fleet.secure_aggregation off, or use a method that can: {', '.join(ok)}.")
+    if cfg.fleet.deadline_s is not None:
+        raise ConfigError("fleet.secure_aggregation cannot be combined with fleet.deadline_s: a straggler's update is "
+                          "discarded after it arrives, but under secure aggregation it is already in the sum. "
+                          "Unset fleet.deadline_s.")
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -147,6 +147,8 @@ def config_fingerprint(cfg: ExperimentConfig) -> str:
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("prefix_cache", "cache_memory_mb", "workers", "lockstep")}  # speed only
     if d["run"].get("metric") == "accuracy":  # the default hashes as before the setting existed: old checkpoints resume
         del d["run"]["metric"]
+    if not d["fleet"].get("secure_aggregation", True):  # likewise
+        del d["fleet"]["secure_aggregation"]
     d.pop("tracking", None)  # where the run is mirrored to, not what it computes
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -297,19 +299,31 @@ class Simulation:
                 continue
             k = ctx.calls.get(d, 0)
             ctx.calls[d] = k + 1
-            sent.append((plan, payload, k, b_down))
-        outputs = self.executor.run(rnd, [DeviceJob(plan, payload, k) for plan, payload, k, _ in sent])
+            sent.append((plan, payload, k, b_down, job.aggregator))
+        device_jobs = [DeviceJob(plan, payload, k) for plan, payload, k, _, _ in sent]
+        sums = None
+        if self.cfg.fleet.secure_aggregation:  # the aggregators get each group's sum, not the updates
+            aggregators = [a for *_, a in sent]
+            _check_summable(sent)
+            outputs, device_sums = self.executor.run_summed(rnd, device_jobs, aggregators)
+            plan_of = {a: plan for plan, *_, a in sent}
+            sums = {a: dataclasses.replace(s, mean=from_device(s.mean, plan_of[a].ranks, self.global_ranks))
+                    for a, s in device_sums.items()}
+        else:
+            outputs = self.executor.run(rnd, device_jobs)
         results = []
-        for (plan, payload, k, b_down), out in zip(sent, outputs):
+        for (plan, payload, k, b_down, _), out in zip(sent, outputs):
             d = plan.device
             if out is None:  # the device failed while working on it
                 missed.append(self._drop(ctx, plan, payload, b_down))
                 continue
-            b_up = num_bytes(out.update, bpp)
+            # what it uploads: its update, or under secure aggregation the same tensors, masked
+            b_up = num_bytes(out.update, bpp) if out.update is not None else num_bytes(payload, bpp, plan.uploaded(payload))
             up_bw, down_bw, lat = profiles[d].link(plan.link)
             self.meter.add(plan.link, up=b_up, down=b_down)
+            update = None if out.update is None else from_device(out.update, plan.ranks, self.global_ranks)
             result = TrainResult(
-                device=d, update=from_device(out.update, plan.ranks, self.global_ranks), num_examples=out.num_examples,
+                device=d, update=update, num_examples=out.num_examples,
                 train_loss=out.train_loss, compute_s=compute_time(out.flops, profiles[d]),
                 down_s=transfer_time(b_down, down_bw, lat), up_s=transfer_time(b_up, up_bw, lat),
                 bytes_down=b_down, bytes_up=b_up)
@@ -322,7 +336,7 @@ class Simulation:
             warnings.warn(f"no update of an exchange arrived within fleet.deadline_s = {deadline:g} s: its aggregator "
                           "keeps its model and the exchange lasts the deadline; raise fleet.deadline_s if every "
                           "device should be able to make it", stacklevel=2)
-        return Exchange(results, missed)
+        return Exchange(results, missed, sums)
 
     def _drop(self, ctx: "_RoundContext", plan: DevicePlan, payload: State, b_down: int) -> Missed:
         """A device that received its model and sent nothing: book its download; the aggregator
@@ -542,6 +556,23 @@ class _RoundContext:
     def validate(self, state: State, ranks: dict[int, int] | None = None) -> Scores:
         sim = self.sim
         return sim.evaluate(state, sim.val_batches or sim.test_batches, ranks)
+
+def _check_summable(sent: list[tuple]) -> None:
+    """A secure sum needs at least two devices per aggregator (one device's sum is its update) and
+    one plan shape among them (every update the same tensors, so the sum is their FedAvg)."""
+    by_agg: dict[int, list[DevicePlan]] = {}
+    for plan, *_, a in sent:
+        by_agg.setdefault(a, []).append(plan)
+    for a, plans in by_agg.items():
+        if len(plans) < 2:
+            raise PlanError(f"fleet.secure_aggregation: aggregator {a} has a single device ({plans[0].device}) in this "
+                            "exchange, and the sum of one update is that update. Raise fleet.participation, lower "
+                            "fleet.dropout, or use fewer groups (method.num_groups).")
+        shapes = {(tuple(sorted(p.ranks.items())), p.train_layers, p.frozen_factors) for p in plans}
+        if len(shapes) > 1:
+            raise PlanError(f"fleet.secure_aggregation: the devices of aggregator {a} were planned different ranks or "
+                            "layers; a secure sum adds identically shaped updates only.")
+
 
 def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp = path.with_suffix(".jsonl.tmp")

@@ -3,7 +3,9 @@
 Data flows one way (docs/design.md): config -> data & model -> fleet -> a `Strategy` plans a round as
 `Job`s -> an `Executor` runs each as a `DeviceJob` on its device and returns a `JobOutput` -> the
 engine books time and traffic into a `TrainResult` (an `Exchange` of them, with the devices that
-missed it) -> the strategy aggregates and returns a `RoundReport`. Every type here is plain data or a protocol; this module imports no model code, so
+missed it) -> the strategy aggregates and returns a `RoundReport`. Under secure aggregation
+(`fleet.secure_aggregation`) the exchange carries, per aggregator, only the `Summed` updates of its
+devices instead of each update. Every type here is plain data or a protocol; this module imports no model code, so
 strategies, the device runtime, the engine and the Flower adapter can all depend on it and on
 nothing above it. A capability that a strategy or executor may have is declared here with its
 default (`strategies.base.StrategyBase`), never probed with `hasattr`.
@@ -14,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -94,16 +96,19 @@ class DevicePlan:
 
 @dataclass(frozen=True)
 class Job:
-    """A plan and the server-convention state the device starts from (global or group model)."""
+    """A plan and the server-convention state the device starts from (global or group model).
+    `aggregator` names who aggregates the update (one-shot methods: 0, the PS; HierFedLoRA: the
+    group); a secure aggregation sums the updates of each aggregator's jobs together."""
 
     plan: DevicePlan
     state: State
+    aggregator: int = 0
 
 
 @dataclass
 class TrainResult:
     device: int
-    update: State  # trained layers (server convention, rank r) + head
+    update: State | None  # trained layers (server convention, rank r) + head; None under secure aggregation
     num_examples: int
     train_loss: float
     compute_s: float
@@ -132,10 +137,32 @@ class Missed:
     bytes_up: int = 0
 
 
+@dataclass(frozen=True)
+class Summed:
+    """The updates of one aggregator's devices as a secure aggregation gives them: only their
+    data-weighted mean and total weight, never one update on its own (docs/flower.md, SecAgg+).
+
+    mean = Σ_k n_k·x_k / Σ_k n_k,  weight = Σ_k n_k   over `devices`, key by key (server convention)
+    Every device of a sum uploads the same keys at the same shapes, so this is FedAvg exactly.
+    """
+
+    mean: State
+    weight: float
+    devices: tuple[int, ...]
+
+    def apply(self, base: State) -> State:
+        """`base` with the summed keys replaced by their mean: the FedAvg of the devices' updates
+        (`aggregate.slot_average` of full-rank updates), keys nobody sent unchanged."""
+        return {k: self.mean[k].to(v.dtype) if k in self.mean else v for k, v in base.items()}
+
+
 @dataclass
 class Exchange:
     """What one `RoundContext.train` call gives back: the updates that arrived in time
     (`results`, what the aggregator aggregates) and the devices it waited for in vain (`missed`).
+    Under secure aggregation `sums` holds each aggregator's `Summed` (by `Job.aggregator`) and the
+    results carry what the server still sees of each device (who replied, loss, examples, time,
+    bytes) with `update = None`; otherwise `sums` is None.
 
     An aggregator's exchange lasts until the last update arrives or the last wait ends, so the
     duration comes from both lists: a dropped device or a straggler never shortens an exchange.
@@ -143,6 +170,7 @@ class Exchange:
 
     results: list[TrainResult]
     missed: list[Missed] = field(default_factory=list)
+    sums: dict[int, Summed] | None = None
 
     def time_s(self, devices: Collection[int] | None = None) -> float:
         """Duration of the exchange of `devices` (all when None), from sending the models:
@@ -234,9 +262,10 @@ class DeviceJob(NamedTuple):
 
 @dataclass
 class JobOutput:
-    """What a device returns for one job."""
+    """What a device returns for one job (under secure aggregation without its update: the
+    executor hands over the aggregator's sum instead, `Executor.run_summed`)."""
 
-    update: State  # device convention: trained layers + head
+    update: State | None  # device convention: trained layers + head
     train_loss: float
     flops: float  # FLOPs of the local steps, from the real token lengths (for the simulated clock)
     num_examples: int
@@ -323,6 +352,11 @@ class Strategy(Protocol):
     def write_outputs(self, out_dir: Path, rows: list[dict[str, Any]]) -> None:
         """Method-specific files of a finished run (default: none; HierFedLoRA: arms.png, grouping.json)."""
 
+    # Why the method cannot aggregate an exchange from its `Exchange.sums` (the data-weighted mean
+    # per aggregator), or None when it can (`fleet.secure_aggregation`). A class attribute, so a
+    # config is refused before anything is built (default: refused, the method never said it can).
+    secure_aggregation_refusal: ClassVar[str | None]
+
 
 class Executor(Protocol):
     """Runs device jobs: in this process, in worker processes (`fast.workers`), or on Flower
@@ -336,5 +370,39 @@ class Executor(Protocol):
         """Mean cross-entropy, accuracy, macro-F1 and confusion counts of a device-convention payload
         over pre-collated batches, from one pass."""
 
+    def run_summed(self, rnd: int, jobs: list[DeviceJob],
+                   aggregators: list[int]) -> tuple[list[JobOutput | None], dict[int, Summed]]:
+        """The jobs under secure aggregation: each output without its update, and per aggregator
+        (`aggregators[i]` is job i's) the `Summed` of its devices' updates, in device convention.
+        Default (`ExecutorBase`): `run`, then a plain sum here, which is what a secure sum computes."""
+
     def close(self) -> None:
         """Release processes or connections (idempotent)."""
+
+
+class ExecutorBase:
+    """The default of `Executor.run_summed` for executors that see each update (in process, worker
+    processes): the simulated secure sum. The Flower executor runs Flower's SecAgg+ instead."""
+
+    def run(self, rnd: int, jobs: list[DeviceJob]) -> list[JobOutput | None]:
+        raise NotImplementedError
+
+    def run_summed(self, rnd: int, jobs: list[DeviceJob],
+                   aggregators: list[int]) -> tuple[list[JobOutput | None], dict[int, Summed]]:
+        outputs = self.run(rnd, jobs)
+        return ([None if o is None else JobOutput(None, o.train_loss, o.flops, o.num_examples) for o in outputs],
+                plain_sums(outputs, jobs, aggregators))
+
+
+def plain_sums(outputs: list[JobOutput | None], jobs: list[DeviceJob], aggregators: list[int]) -> dict[int, Summed]:
+    """Per aggregator, mean = Σ n_k·x_k / Σ n_k over the outputs that arrived (`aggregate.fedavg`,
+    in the order of `slot_average`, so the mean is bit for bit the per-device FedAvg)."""
+    from hierfedlora.aggregate import fedavg
+
+    sums = {}
+    for a in dict.fromkeys(aggregators):
+        mine = [(o, j) for o, j, g in zip(outputs, jobs, aggregators) if g == a and o is not None]
+        if mine:
+            sums[a] = Summed(fedavg([o.update for o, _ in mine], [o.num_examples for o, _ in mine]),
+                             float(sum(o.num_examples for o, _ in mine)), tuple(j.plan.device for _, j in mine))
+    return sums

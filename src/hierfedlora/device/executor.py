@@ -11,10 +11,10 @@ import torch
 from hierfedlora.device.model import LocalModel
 from hierfedlora.device.train import FleetData, evaluate, run_job
 from hierfedlora.lora_state import State
-from hierfedlora.protocol import DeviceJob, JobOutput, LocalTraining, Scores
+from hierfedlora.protocol import DeviceJob, ExecutorBase, JobOutput, LocalTraining, Scores
 
 
-class LocalExecutor:
+class LocalExecutor(ExecutorBase):
     """Runs each job with `run_job` on `model`, reading every device's data from `data`."""
 
     def __init__(self, model: LocalModel, data: FleetData, settings: LocalTraining):

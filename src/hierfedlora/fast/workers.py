@@ -46,7 +46,7 @@ from hierfedlora.device.train import FleetData, batch_scores, combine_scores, jo
 from hierfedlora.fast.joined import JoinedExecutor
 from hierfedlora.fast.model import FastModel
 from hierfedlora.lora_state import State
-from hierfedlora.protocol import DeviceJob, JobOutput, LocalTraining, Scores
+from hierfedlora.protocol import DeviceJob, ExecutorBase, JobOutput, LocalTraining, Scores
 
 
 @dataclass(frozen=True)
@@ -308,7 +308,7 @@ def _stop(conns, procs) -> None:
             p.kill()
 
 
-class ProcessExecutor:
+class ProcessExecutor(ExecutorBase):
     """Runs a round's jobs on `workers` forked processes (Linux/macOS, CPU only)."""
 
     MIN_GAP = 0.05  # seconds: smaller imbalances are not worth a message

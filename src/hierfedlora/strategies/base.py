@@ -11,6 +11,11 @@ Most methods (FedLoRA, top-k, HetLoRA, FlexLoRA, LEGEND) play one exchange per g
 available device gets a plan, trains once, and the server aggregates. `OneShotStrategy` is that
 round; such a method is a `plan` function and an `aggregate` function.
 
+Under secure aggregation (`fleet.secure_aggregation`) an exchange carries only each aggregator's
+`Summed` updates: a method whose rule is a data-weighted mean of the updates says so with
+`secure_aggregation_refusal = None` and aggregates from the sum (`OneShotStrategy.aggregate_sum`);
+every other method names the reason it needs each update, and the config is refused with it.
+
 Time comes from `Exchange.time_s`, never from the results alone: an exchange lasts until its last
 update arrives or its aggregator stops waiting for a device that dropped out or missed the deadline
 (design.md §3), so every method, one-shot or hierarchical, charges those waits the same way.
@@ -20,15 +25,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from hierfedlora.lora_state import State
-from hierfedlora.protocol import DevicePlan, Job, RoundContext, RoundReport, TrainResult
+from hierfedlora.protocol import DevicePlan, Job, RoundContext, RoundReport, Summed, TrainResult
 
 
 class StrategyBase:
     """Defaults of the optional parts of `protocol.Strategy`: no frozen layers promised, nothing
-    to checkpoint, no extra outputs."""
+    to checkpoint, no extra outputs, no secure aggregation."""
+
+    secure_aggregation_refusal: ClassVar[str | None] = (
+        "it has not declared that its aggregation is a data-weighted mean of the devices' updates")
 
     def lowest_trainable_layer(self) -> int:
         return 0
@@ -63,13 +71,23 @@ class OneShotStrategy(StrategyBase):
         aggregation adds."""
         raise NotImplementedError
 
+    def aggregate_sum(self, state: State, summed: Summed,
+                      plans: dict[int, DevicePlan]) -> tuple[State, dict[str, Any]]:
+        """The new server state from the securely summed updates (default: their FedAvg,
+        x ← Σ_k n_k x_k / Σ_k n_k, `Summed.apply`); only called for a method that does not refuse."""
+        return summed.apply(state), {}
+
     def run_round(self, rnd: int, state: State, ctx: RoundContext) -> tuple[State, RoundReport]:
         plans, metrics = self.plan(rnd, ctx)
         exchange = ctx.train([Job(p, state) for p in plans])
         results = exchange.results
         if not results:  # no update arrived in time: the model stays, the round still took the waiting time
             return state, RoundReport(exchange.time_s(), float("nan"), [], metrics)
-        new, more = self.aggregate(state, results, {p.device: p for p in plans})
+        by_device = {p.device: p for p in plans}
+        if exchange.sums is not None:  # secure aggregation: the PS holds only the sum (aggregator 0)
+            new, more = self.aggregate_sum(state, exchange.sums[0], by_device)
+        else:
+            new, more = self.aggregate(state, results, by_device)
         return new, RoundReport(
             sim_time_s=exchange.time_s(),  # the last update to arrive, or the longest wait for a missing one
             train_loss=weighted_loss(results),

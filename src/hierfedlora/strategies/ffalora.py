@@ -34,6 +34,8 @@ class Settings(BaseModel):
 
 
 class Strategy(OneShotStrategy):
+    secure_aggregation_refusal = None  # FedAvg: the mean of the sum (`aggregate_sum`)
+
     def __init__(self, settings: Settings, setup: SetupInfo):
         self.setup = setup
         self.L = setup.layout.num_layers

@@ -37,6 +37,11 @@ class Settings(RankSettings):
 
 
 class Strategy(OneShotStrategy):
+    secure_aggregation_refusal = (
+        "it averages the devices' full products ΔW_k = B_k·A_k (out × in per module), not their factors: a secure "
+        "sum would need each device to upload its weighted ΔW, in·out/(r_k·(in+out)) times its LoRA upload "
+        "(24× for MiniLM's 384×384 modules at r_k = 8), which hierfedlora does not do")
+
     def __init__(self, settings: Settings, setup: SetupInfo):
         self.setup = setup
         self.L = setup.layout.num_layers

@@ -147,6 +147,10 @@ def aggregation_weights(update: State, num_examples: int, alpha: float, global_r
 
 
 class Strategy(OneShotStrategy):
+    secure_aggregation_refusal = (
+        "its aggregation weights are per-device update norms (‖B_k A_k‖_F per module), and its self-pruning "
+        "reads each device's tail norm: both need each update on its own")
+
     def __init__(self, settings: Settings, setup: SetupInfo):
         self.s = settings
         self.setup = setup

@@ -177,6 +177,10 @@ def reward_of(before: Scores, after: Scores, seconds: float, metric: str) -> flo
 # -- the strategy --------------------------------------------------------------------------------
 
 class Strategy(StrategyBase):
+    # each group aggregator's FedAvg is the mean of its members' sum (`Job.aggregator` = group); the PS
+    # then averages group models, which are no single device's update
+    secure_aggregation_refusal = None
+
     def __init__(self, settings: Settings, setup: SetupInfo):
         self.s = settings
         self.setup = setup
@@ -258,7 +262,7 @@ class Strategy(StrategyBase):
                     for i in members:
                         plan = DevicePlan(i, self.ranks, layers, self.setup.local_steps, self.link,
                                           "all" if s == 0 else "trained")
-                        jobs.append(Job(plan, out[k][0]))
+                        jobs.append(Job(plan, out[k][0], aggregator=k))
                         group_of[i] = k
             if not jobs:
                 break
@@ -271,7 +275,10 @@ class Strategy(StrategyBase):
                     live.discard(k)
                     continue
                 # x <- sum_i n_i x_i / sum_i n_i over the trained layers + head; lower layers keep the global value
-                out[k][0] = slot_average(out[k][0], [r.update for r in mine], [r.num_examples for r in mine])
+                if exchange.sums is not None:  # secure aggregation: the group's aggregator holds only the sum
+                    out[k][0] = exchange.sums[k].apply(out[k][0])
+                else:
+                    out[k][0] = slot_average(out[k][0], [r.update for r in mine], [r.num_examples for r in mine])
                 out[k][1] += mine
         for k, _, depth, _ in runs:
             gstate, results, _ = out[k]

@@ -195,6 +195,11 @@ def config_metrics(cfg: Configuration, devices: list[int], num_layers: int, budg
 
 
 class Strategy(OneShotStrategy):
+    secure_aggregation_refusal = (
+        "its per-slot averages divide each rank slot by the weight of the devices that hold it, and its devices "
+        "hold different layers and ranks: a secure sum would need every update zero-padded to the server's ranks "
+        "with a per-slot weight beside it, which hierfedlora does not do")
+
     def __init__(self, settings: Settings, setup: SetupInfo):
         self.s = settings
         self.setup = setup
