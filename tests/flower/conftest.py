@@ -24,7 +24,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict  # noqa: E402
 
 from hierfedlora.engine import Simulation, local_executor  # noqa: E402
 from hierfedlora.flower import client_app  # noqa: E402
@@ -71,6 +71,13 @@ def server_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, attr, value)
 
 
+def _own_copy(m: Message) -> Message:
+    """The message with its own config records, as a node receives it over the wire: SecAgg+ sends
+    one content object to every node, and its ClientApp mod edits the records it gets."""
+    m.content = RecordDict({k: ConfigRecord(dict(v)) if isinstance(v, ConfigRecord) else v for k, v in m.content.items()})
+    return m
+
+
 class LoopbackGrid:
     """Delivers each message to `client_app.app` in this process; one Context per node.
 
@@ -98,7 +105,7 @@ class LoopbackGrid:
             try:
                 if p in self.crash and m.metadata.message_type == wire.TRAIN:
                     raise RuntimeError("device crashed")
-                r = client_app.app(m, ctx)
+                r = client_app.app(_own_copy(m), ctx)
             except Exception as e:  # noqa: BLE001 - as Flower's ClientApp runner does
                 r = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=m)
             if p in self.forget:

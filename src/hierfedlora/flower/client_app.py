@@ -10,6 +10,11 @@ answers two messages:
 - ``train``: a plan and its tensors; the node calls `device.train.run_job`, the very function the
   simulator calls, so with the same seed it computes the same update.
 
+Under secure aggregation (`fleet.secure_aggregation`) ``train`` messages are the four stages of
+Flower's SecAgg+ (`flower.secagg`): `_secure` hands the messages that carry a SecAgg+ stage to
+Flower's `secaggplus_mod`, which answers the key-exchange stages itself and, at the training stage,
+calls `train` and masks its update, so the update never leaves the node in the clear.
+
 Flower starts a fresh ClientApp process per message, so everything that must outlive a message
 (the partition, the last full payload for ``download="trained"``) lives in ``context.state``;
 the model is rebuilt from the seed (cached per process where the runtime reuses processes).
@@ -154,7 +159,18 @@ def query(msg: Message, context: Context) -> Message:
     return Message(wire.node_content(pid, n, fp), reply_to=msg)
 
 
-@app.train()
+def _secure(msg: Message, context: Context, call_next) -> Message:
+    """Flower's SecAgg+ mod for a message that carries a SecAgg+ stage; any other passes through."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        from flwr.client.mod import secaggplus_mod
+
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[_secure])
 def train(msg: Message, context: Context) -> Message:
     from hierfedlora.lora_state import layer_of
     from hierfedlora.protocol import DeviceJob
@@ -164,8 +180,9 @@ def train(msg: Message, context: Context) -> Message:
     received = wire.wire_bytes(msg.content)
     setup = context.state.config_records.get(SETUP)
     settings = msg.content.config_records[wire.SETTINGS]
+    clip = float(settings.get("secagg-clip", 0.0))  # > 0: a SecAgg+ training stage (`_secure`)
     if setup is None or setup["fingerprint"] != settings["fingerprint"]:
-        return Message(wire.status_content(wire.NOT_SET_UP, "answer the experiment query first"), reply_to=msg)
+        return _status(msg, clip, wire.NOT_SET_UP, "answer the experiment query first")
     plan_rec = msg.content.config_records[wire.PLAN]
     plan, rnd, call = wire.plan_from_record(plan_rec)
     if plan.device != int(setup["partition-id"]):
@@ -175,8 +192,7 @@ def train(msg: Message, context: Context) -> Message:
     if base_tag:  # frozen layers and factors come from the copy downloaded earlier
         held_tag = context.state.config_records.get(HELD_TAG)
         if held_tag is None or str(held_tag["tag"]) != base_tag or HELD not in context.state.array_records:
-            return Message(wire.status_content(wire.STALE_BASE, f"holds {held_tag['tag'] if held_tag else None}"),
-                           reply_to=msg)
+            return _status(msg, clip, wire.STALE_BASE, f"holds {held_tag['tag'] if held_tag else None}")
         for k, t in wire.record_to_state(context.state.array_records[HELD]).items():
             layer = layer_of(k)
             if k not in payload and (layer is None or plan.ranks.get(layer, 0) > 0):
@@ -188,4 +204,14 @@ def train(msg: Message, context: Context) -> Message:
     model = _model(cfg, setup)
     out = run_job(model, _device_data(context), DeviceJob(plan, payload, call), rnd,
                   wire.settings_from_record(settings, trainer_options()))
+    if clip > 0:
+        return Message(wire.secure_reply_content(out, received, clip), reply_to=msg)
     return Message(wire.reply_content(out, received), reply_to=msg)
+
+
+def _status(msg: Message, clip: float, status: str, detail: str) -> Message:
+    """A job the device cannot take as sent: a status reply, or inside SecAgg+ (which has no such
+    reply: the device leaves the protocol and the server reads why) an error."""
+    if clip > 0:
+        raise RuntimeError(f"{status}: {detail}")
+    return Message(wire.status_content(status, detail), reply_to=msg)

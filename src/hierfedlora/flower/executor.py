@@ -12,6 +12,10 @@ plus:
 - ``flower_traffic.jsonl``: per job, the bytes our traffic meter booked beside the bytes Flower
   carried (raw tensor bytes, the records' byte count, the serialized objects), both directions.
 
+Under secure aggregation (`run_summed`) each aggregator's jobs of a call go through Flower's SecAgg+
+instead (`flower.secagg`): the server receives the mean of their updates and each device's metrics,
+and the traffic rows count the key-exchange stages too (`flower_secagg_*`).
+
 Devices are mapped to node IDs by asking each new node for its ``partition-id`` (a ``query``
 message) — never by guessing IDs; a node that disappears is unmapped and a restarted one rejoins
 at the next training call.
@@ -32,9 +36,9 @@ from flwr.app import Message
 
 from hierfedlora.config import ExperimentConfig
 from hierfedlora.flower import messages as wire
-from hierfedlora.flower.run_config import NODES_LOG, TRAFFIC_LOG, TRAFFIC_SUMMARY
+from hierfedlora.flower.run_config import NODES_LOG, TRAFFIC_LOG, TRAFFIC_SUMMARY, SecAggOptions
 from hierfedlora.lora_state import State, num_bytes
-from hierfedlora.protocol import DeviceJob, Executor, JobOutput, Scores
+from hierfedlora.protocol import DeviceJob, Executor, ExecutorBase, JobOutput, Scores, Summed
 
 QUERY_ATTEMPTS = 3  # a node that does not answer its identity query is asked this often, then ignored
 
@@ -45,7 +49,10 @@ class TrafficRow:
     what our meter booked beside what Flower carried, each direction, and how the job ended.
 
     `status` is "ok", "no-node", "timeout", "error: ...", "resent-full" (the device had lost its
-    copy and got the full payload; the counts then include both attempts) or a device status."""
+    copy and got the full payload; the counts then include both attempts) or a device status.
+    Under secure aggregation the `flower_*` counts are SecAgg+'s training stage (the train message
+    with the key shares for the device; the masked vectors back, `flower_up_tensor` their bytes) and
+    `flower_secagg_*` its other three stages (keys and shares), both directions."""
 
     round: int
     call: int
@@ -65,17 +72,17 @@ class TrafficRow:
     device_received_wire: int = 0  # the wire count as the device measured it
     sent_keys: int | None = None  # tensors in the last payload sent (None: nothing was sent)
     wall_s: float = 0.0  # the training call's wall-clock seconds
+    flower_secagg_down_wire: int | None = None  # SecAgg+'s setup, share-keys and unmask stages (None: not secure)
+    flower_secagg_up_wire: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON row: every field, except `sent_keys` for a job that was never sent."""
-        row = asdict(self)
-        if self.sent_keys is None:
-            del row["sent_keys"]
-        return row
+        """The JSON row: every field, except those that are None (a job never sent, a plain job)."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k == "node_id"}
 
     def byte_counts(self) -> dict[str, int]:
         """The byte counters (meter_*, flower_*, device_*), as the traffic totals add them."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(("meter_", "flower_", "device_"))}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name.startswith(("meter_", "flower_", "device_")) and getattr(self, f.name) is not None}
 
 
 @dataclass
@@ -90,12 +97,12 @@ class _Job:
     output: JobOutput | None = None
 
 
-class FlowerExecutor:
+class FlowerExecutor(ExecutorBase):
     """Runs device jobs on SuperNodes through a Flower `Grid` (see module docstring)."""
 
     def __init__(self, grid, cfg: ExperimentConfig, out_dir: str | Path | None, evaluator: Executor, *,
                  round_timeout: float = 600.0, node_wait: float = 120.0, query_timeout: float = 120.0,
-                 resume: bool = False, log=print):
+                 resume: bool = False, secagg: SecAggOptions | None = None, log=print):
         from hierfedlora.engine import config_fingerprint, local_training
 
         self.grid, self.cfg = grid, cfg
@@ -105,7 +112,10 @@ class FlowerExecutor:
         self.log = log
         self.fingerprint = config_fingerprint(cfg)
         self.toml = tomli_w.dumps(cfg.to_dict())
-        self.settings = wire.settings_record(local_training(cfg), self.fingerprint)
+        self.secagg = secagg or SecAggOptions()
+        clip = self.secagg.clip if cfg.fleet.secure_aggregation else 0.0
+        self.settings = wire.settings_record(local_training(cfg), self.fingerprint, clip)
+        self.examples: dict[int, int] = {}  # device -> its example count, as its node reported it
         self.nodes: dict[int, int] = {}  # device (partition-id) -> node id
         self.known: dict[int, int | None] = {}  # node id -> device it plays (None: unusable node)
         self.query_tries: dict[int, int] = {}
@@ -165,7 +175,9 @@ class FlowerExecutor:
                 self.known[nid] = None
                 self._event(rnd, "query-error", node_id=nid, reason=r.error.reason)
             else:
-                self._map(rnd, int(r.content.config_records[wire.NODE]["partition-id"]), nid)
+                node = r.content.config_records[wire.NODE]
+                self.examples[int(node["partition-id"])] = int(node["num-examples"])
+                self._map(rnd, int(node["partition-id"]), nid)
 
     def _map(self, rnd: int, dev: int, nid: int) -> None:
         """Device `dev` is node `nid` from now on; a node that played it before is unusable."""
@@ -205,6 +217,62 @@ class FlowerExecutor:
         self._exchange(rnd, work, deadline=t0 + self.round_timeout)
         self._record(rnd, work, wall_s=round(time.monotonic() - t0, 3))
         return [w.output for w in work]
+
+    def run_summed(self, rnd: int, jobs: list[DeviceJob],
+                   aggregators: list[int]) -> tuple[list[JobOutput | None], dict[int, Summed]]:
+        """One training call under secure aggregation: per aggregator, one SecAgg+ round over its
+        jobs' nodes (`secagg.secure_sum`); outputs without updates, and each aggregator's mean."""
+        from hierfedlora.flower.secagg import secure_sum
+
+        self._begin_call(rnd)
+        work = [self._prepare(rnd, job) for job in jobs]
+        t0 = time.monotonic()
+        deadline = t0 + self.round_timeout
+        sums: dict[int, Summed] = {}
+        for a in dict.fromkeys(aggregators):
+            mine = [w for w, g in zip(work, aggregators) if g == a and w.msg is not None]
+            if not mine:
+                continue
+            by_node = {w.msg.metadata.dst_node_id: w for w in mine}
+            plan, payload, _ = mine[0].job
+            keys = sorted(plan.uploaded(payload))
+            for w in mine:
+                self._count_down(w.row, w.msg)
+            outcome = secure_sum(self.grid, rnd, {n: w.msg.content for n, w in by_node.items()}, keys,
+                                 {k: tuple(payload[k].shape) for k in keys},
+                                 max(self.examples.get(w.job.plan.device, 1) for w in mine), self.secagg,
+                                 timeout=max(1.0, deadline - time.monotonic()))
+            for nid, w in by_node.items():
+                self._read_secure(w, nid, outcome)
+            if outcome.mean is not None:
+                devices = tuple(by_node[n].job.plan.device for n in outcome.summed)
+                weight = float(sum(by_node[n].output.num_examples for n in outcome.summed))
+                sums[a] = Summed(outcome.mean, weight, devices)
+        self._record(rnd, work, wall_s=round(time.monotonic() - t0, 3))
+        return [w.output for w in work], sums
+
+    def _read_secure(self, w: _Job, nid: int, outcome) -> None:
+        """One device's part of a SecAgg+ round: its bytes per stage, and its metrics if its
+        masked update is in the sum (else why not)."""
+        from hierfedlora.flower.secagg import SETUP_STAGES, masked_bytes
+
+        device, row = w.job.plan.device, w.row
+        down, up = outcome.down.get(nid, {}), outcome.up.get(nid, {})
+        row.flower_secagg_down_wire = sum(v for s, v in down.items() if s in SETUP_STAGES)
+        row.flower_secagg_up_wire = sum(v for s, v in up.items() if s in SETUP_STAGES)
+        row.flower_down_wire = sum(v for s, v in down.items() if s not in SETUP_STAGES)  # train message + shares
+        reply = outcome.replies.get(nid)
+        if reply is not None:
+            row.flower_up_wire = sum(v for s, v in up.items() if s not in SETUP_STAGES)
+            row.flower_up_tensor = masked_bytes(reply)
+            row.device_received_wire = int(reply.content.metric_records[wire.METRICS]["received-bytes"])
+        if outcome.mean is not None and nid in outcome.summed:
+            w.output = wire.secure_output(reply.content)
+            row.meter_up = num_bytes(w.job.payload, self.cfg.fleet.bytes_per_param, w.job.plan.uploaded(w.job.payload))
+            self.held[device] = w.holds
+        else:
+            row.status = outcome.errors.get(nid, "secagg-halted: too few devices finished SecAgg+")
+            self.held.pop(device, None)
 
     def _begin_call(self, rnd: int) -> None:
         """Map nodes (at the first call: wait for the fleet) and count the calls of this round."""

@@ -13,6 +13,9 @@ cannot drift apart. A training message carries
 The reply carries ``"update"`` (ArrayRecord: trained layers' trained factors + head) and ``"metrics"``
 (MetricRecord: train loss, FLOPs, examples, and the bytes the device measured it received), or
 ``"status"`` (ConfigRecord) when the device cannot take the job as sent (e.g. its held copy is gone).
+Under secure aggregation the train message is the payload of SecAgg+'s training stage
+(`flower.secagg`) and the reply is laid out as Flower's legacy fit result (`secure_reply_content`),
+whose update Flower's `secaggplus_mod` masks and removes: only ``"metrics"`` stays in the clear.
 Rank maps and layer lists travel as JSON strings: ConfigRecord lists must be non-empty and
 homogeneous, and a JSON object keeps the layer -> rank pairing readable.
 """
@@ -88,12 +91,16 @@ def plan_from_record(rec: ConfigRecord) -> tuple[DevicePlan, int, int]:
     return plan, int(rec["round"]), int(rec["call"])
 
 
-def settings_record(s: LocalTraining, fingerprint: str) -> ConfigRecord:
+def settings_record(s: LocalTraining, fingerprint: str, secagg_clip: float = 0.0) -> ConfigRecord:
     """The local-training settings (a device trains one job at a time: no lockstep; its method's
-    loss terms are found by name on the device, `registry.trainer_options`)."""
-    return ConfigRecord({"seed": int(s.seed), "batch-size": int(s.batch_size), "lr": float(s.lr),
-                         "weight-decay": float(s.weight_decay), "backward-ratio": float(s.backward_ratio),
-                         "fingerprint": fingerprint})
+    loss terms are found by name on the device, `registry.trainer_options`), and under secure
+    aggregation the bound its update's entries must keep (`secagg-clip`; 0: not secure)."""
+    rec = ConfigRecord({"seed": int(s.seed), "batch-size": int(s.batch_size), "lr": float(s.lr),
+                        "weight-decay": float(s.weight_decay), "backward-ratio": float(s.backward_ratio),
+                        "fingerprint": fingerprint})
+    if secagg_clip > 0:
+        rec["secagg-clip"] = float(secagg_clip)
+    return rec
 
 
 def settings_from_record(rec: ConfigRecord, regularisers: dict[str, Any]) -> LocalTraining:
@@ -112,9 +119,40 @@ def train_content(payload: State, plan: DevicePlan, rnd: int, call: int, tag: st
 def reply_content(out: JobOutput, received_bytes: int) -> RecordDict:
     return RecordDict({
         UPDATE: state_to_record(out.update),
-        METRICS: MetricRecord({"train-loss": float(out.train_loss), "flops": float(out.flops),
-                               "num-examples": int(out.num_examples), "received-bytes": int(received_bytes)}),
+        METRICS: _metrics(out, received_bytes),
     })
+
+
+def _metrics(out: JobOutput, received_bytes: int) -> MetricRecord:
+    return MetricRecord({"train-loss": float(out.train_loss), "flops": float(out.flops),
+                         "num-examples": int(out.num_examples), "received-bytes": int(received_bytes)})
+
+
+def secure_reply_content(out: JobOutput, received_bytes: int, clip: float) -> RecordDict:
+    """The reply to SecAgg+'s training stage: the update as a legacy fit result (its tensors in
+    sorted key order, the order the server reads the mean in; weight = example count), which
+    `secaggplus_mod` masks and clears, and our metrics. An entry beyond ±`clip` would be clipped
+    into a wrong sum, so it fails the job instead."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+    keys = sorted(out.update)
+    big = max((float(out.update[k].abs().max()) for k in keys if out.update[k].numel()), default=0.0)
+    if big > clip:
+        raise ValueError(f"an update entry of {big:.3g} exceeds secagg-clip = {clip:g}: SecAgg+ would clip it; "
+                         "raise secagg-clip")
+    arrays = [out.update[k].detach().cpu().numpy() for k in keys]
+    fit = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), int(out.num_examples), {})
+    content = fitres_to_recorddict(fit, keep_input=True)
+    content[METRICS] = _metrics(out, received_bytes)
+    return content
+
+
+def secure_output(content: RecordDict) -> JobOutput:
+    """What the server sees of a device's reply under secure aggregation: no update, its metrics."""
+    m = content.metric_records[METRICS]
+    return JobOutput(update=None, train_loss=float(m["train-loss"]), flops=float(m["flops"]),
+                     num_examples=int(m["num-examples"]))
 
 
 def status_content(status: str, detail: str = "") -> RecordDict:

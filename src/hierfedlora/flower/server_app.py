@@ -10,7 +10,9 @@ are `run_config.ServerOptions`):
   in the ServerApp's working directory, then inside the Flower App;
 - ``set``: ``key=value`` overrides separated by ``;``;
 - ``run-dir``, ``overwrite``, ``resume``: the run directory, as in `hierfedlora run`;
-- ``round-timeout``, ``node-wait``, ``query-timeout``: seconds (see `FlowerExecutor`).
+- ``round-timeout``, ``node-wait``, ``query-timeout``: seconds (see `FlowerExecutor`);
+- ``secagg-shares``, ``secagg-threshold``, ``secagg-clip``: Flower's SecAgg+ under
+  ``fleet.secure_aggregation`` (`run_config.SecAggOptions`, `flower.secagg`).
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def run_on_grid(grid: Grid, opts: ServerOptions, log=print) -> dict[str, Any]:
 
     def executor(sim) -> FlowerExecutor:  # evaluation stays in this process, on the server's model
         made.append(FlowerExecutor(grid, cfg, out, local_executor(sim), round_timeout=opts.round_timeout,
-                                   node_wait=opts.node_wait, query_timeout=opts.query_timeout, resume=resume, log=log))
+                                   node_wait=opts.node_wait, query_timeout=opts.query_timeout, resume=resume,
+                                   secagg=opts.secagg, log=log))
         return made[0]
 
     log(f"[flower] {cfg.method.get('name', 'fedlora')}: {cfg.fleet.num_devices} devices, {cfg.run.rounds} rounds -> {out}")
