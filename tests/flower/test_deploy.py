@@ -220,3 +220,30 @@ def test_flwr_run_on_the_simulation_runtime_matches_engine(task, request, tmp_pa
     assert out.returncode == 0 and (tmp_path / "flower" / "summary.json").exists(), log
     assert "3 simulated SuperNodes" in log
     final_metrics_agree(tmp_path / "local", tmp_path / "flower")
+
+
+@pytest.mark.flower_processes
+def test_fedlora_under_secagg_across_supernodes_equals_the_plain_run(tiny_cfg, tmp_path, federation, read_jsonl):
+    """SecAgg+ across 3 SuperNode processes (`fleet.secure_aggregation`): the server sees only the
+    mean of the masked updates, and the run equals the plain in-process run within SecAgg+'s
+    quantisation (tests/flower/test_secagg.py states the tolerance)."""
+    kw = {"run.rounds": 2, "fleet.num_devices": 3, "train.threads": 1}
+    run_experiment(tiny_cfg(**kw), tmp_path / "local", progress=False, export=False)
+    cfg_path = tmp_path / "experiment.toml"
+    dump_config(tiny_cfg(**kw, **{"fleet.secure_aggregation": True}), cfg_path)
+    fed = federation(3)
+    status = fed.run({"experiment-config": str(cfg_path), "run-dir": str(tmp_path / "flower"), "round-timeout": 180.0,
+                      "node-wait": 120.0, "query-timeout": 120.0}, timeout=600)
+    assert status == "finished:completed", (status, (fed.root / "logs" / "superlink.log").read_text()[-3000:])
+    local, flower = tmp_path / "local", tmp_path / "flower"
+    a, b = read_jsonl(local / "metrics.jsonl"), read_jsonl(flower / "metrics.jsonl")
+    assert [r["participant_ids"] for r in a] == [r["participant_ids"] for r in b]
+    for ra, rb in zip(a, b):
+        for k in ("test_acc", "test_loss", "train_loss", "bytes_up", "bytes_down"):
+            if k in ra and ra[k] is not None:
+                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-4), (k, ra["round"])
+    xa, xb = (torch.load(d / "checkpoint.pt", weights_only=False)["state"] for d in (local, flower))
+    assert set(xa) == set(xb) and all(torch.allclose(xa[k], xb[k], rtol=0, atol=1e-4) for k in xa)
+    jobs = read_jsonl(flower / "flower_traffic.jsonl")
+    assert len(jobs) == 6 and all(r["status"] == "ok" and r["flower_up_array"] == 0 and r["flower_secagg_up_wire"] > 0
+                                  for r in jobs)
