@@ -227,7 +227,8 @@ def test_fedlora_under_secagg_across_supernodes_equals_the_plain_run(tiny_cfg, t
     """SecAgg+ across 3 SuperNode processes (`fleet.secure_aggregation`): the server sees only the
     mean of the masked updates, and the run equals the plain in-process run within SecAgg+'s
     quantisation (tests/flower/test_secagg.py states the tolerance)."""
-    kw = {"run.rounds": 2, "fleet.num_devices": 3, "train.threads": 1}
+    # one round: every SecAgg+ stage is a fresh ClientApp process per device, the slowest part of CI
+    kw = {"run.rounds": 1, "fleet.num_devices": 3, "train.threads": 1}
     run_experiment(tiny_cfg(**kw), tmp_path / "local", progress=False, export=False)
     cfg_path = tmp_path / "experiment.toml"
     dump_config(tiny_cfg(**kw, **{"fleet.secure_aggregation": True}), cfg_path)
@@ -245,5 +246,5 @@ def test_fedlora_under_secagg_across_supernodes_equals_the_plain_run(tiny_cfg, t
     xa, xb = (torch.load(d / "checkpoint.pt", weights_only=False)["state"] for d in (local, flower))
     assert set(xa) == set(xb) and all(torch.allclose(xa[k], xb[k], rtol=0, atol=1e-4) for k in xa)
     jobs = read_jsonl(flower / "flower_traffic.jsonl")
-    assert len(jobs) == 6 and all(r["status"] == "ok" and r["flower_up_array"] == 0 and r["flower_secagg_up_wire"] > 0
+    assert len(jobs) == 3 and all(r["status"] == "ok" and r["flower_up_array"] == 0 and r["flower_secagg_up_wire"] > 0
                                   for r in jobs)
