@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from hierfedlora.lora_state import State
 from hierfedlora.protocol import DevicePlan, Job, RoundContext, RoundReport, TrainResult
@@ -28,7 +28,10 @@ from hierfedlora.protocol import DevicePlan, Job, RoundContext, RoundReport, Tra
 
 class StrategyBase:
     """Defaults of the optional parts of `protocol.Strategy`: no frozen layers promised, nothing
-    to checkpoint, no extra outputs."""
+    to checkpoint, no extra outputs, central DP supported (a method whose rule is not a uniform
+    per-key mean of an exchange's updates says why not in `no_central_dp`)."""
+
+    no_central_dp: ClassVar[str | None] = None
 
     def lowest_trainable_layer(self) -> int:
         return 0
@@ -70,6 +73,7 @@ class OneShotStrategy(StrategyBase):
         if not results:  # no update arrived in time: the model stays, the round still took the waiting time
             return state, RoundReport(exchange.time_s(), float("nan"), [], metrics)
         new, more = self.aggregate(state, results, {p.device: p for p in plans})
+        new = ctx.release(new, results)  # central DP: the aggregator's noise on the mean (else as is)
         return new, RoundReport(
             sim_time_s=exchange.time_s(),  # the last update to arrive, or the longest wait for a missing one
             train_loss=weighted_loss(results),

@@ -37,6 +37,9 @@ class Settings(RankSettings):
 
 
 class Strategy(OneShotStrategy):
+    no_central_dp = ("its aggregation is an SVD of the weighted sum of the updates' ΔW, not a per-key mean of the "
+                     "clipped factors")
+
     def __init__(self, settings: Settings, setup: SetupInfo):
         self.setup = setup
         self.L = setup.layout.num_layers

@@ -147,6 +147,9 @@ def aggregation_weights(update: State, num_examples: int, alpha: float, global_r
 
 
 class Strategy(OneShotStrategy):
+    no_central_dp = ("its aggregation weights each update by the norm of its factors (not a uniform mean), and "
+                     "devices of different ranks hold different slots")
+
     def __init__(self, settings: Settings, setup: SetupInfo):
         self.s = settings
         self.setup = setup

@@ -195,6 +195,9 @@ def config_metrics(cfg: Configuration, devices: list[int], num_layers: int, budg
 
 
 class Strategy(OneShotStrategy):
+    no_central_dp = ("devices of different depths and ranks hold different slots, so a slot's mean runs over its h "
+                     "holders only (sensitivity C/h, not C/m)")
+
     def __init__(self, settings: Settings, setup: SetupInfo):
         self.s = settings
         self.setup = setup
