@@ -197,3 +197,28 @@ def test_flower_settings_record_carries_local_dp():
     off = LocalTraining(seed=1, batch_size=8, lr=0.1, weight_decay=0.0, backward_ratio=1.0)
     assert "dp-clip-norm" not in wire.settings_record(off, "fp")
     assert wire.settings_from_record(wire.settings_record(off, "fp"), {}).local_dp is None
+
+
+def test_local_releases_are_counted_when_the_device_keeps_its_norm(tiny_cfg):
+    """A Flower SuperNode privatises its update but does not send its norm: the engine still counts
+    the release (ε grows), and reports no update norm for the round."""
+    from dataclasses import replace
+
+    from hierfedlora.engine import local_executor
+
+    class NoNorms:
+        def __init__(self, sim):
+            self.inner = local_executor(sim)
+
+        def run(self, rnd, jobs):
+            return [replace(o, update_norm=None) for o in self.inner.run(rnd, jobs)]
+
+        def evaluate(self, payload, ranks, batches):
+            return self.inner.evaluate(payload, ranks, batches)
+
+        def close(self):
+            self.inner.close()
+
+    rows = Simulation(tiny_cfg(**{"run.rounds": 2, **dp("local", 0.5, 1.0)}), executor=NoNorms).run()
+    assert [r["dp_releases"] for r in rows[1:]] == [1, 2]
+    assert rows[-1]["dp_epsilon"] == privacy.epsilon(1.0, 2, 1e-5) and rows[-1]["dp_update_norm"] is None

@@ -323,9 +323,10 @@ class Simulation:
             if out is None:  # the device failed while working on it
                 missed.append(self._drop(ctx, plan, payload, b_down))
                 continue
-            if out.update_norm is not None:  # local DP: the device privatised it (one release) before upload
+            if self.cfg.privacy.dp == "local":  # the device privatised it before upload: one release
                 self.dp_releases[d] += 1
-                ctx.dp_norms.append(out.update_norm)
+                if out.update_norm is not None:  # a Flower SuperNode does not report it
+                    ctx.dp_norms.append(out.update_norm)
             b_up = num_bytes(out.update, bpp)
             up_bw, down_bw, lat = profiles[d].link(plan.link)
             self.meter.add(plan.link, up=b_up, down=b_down)
