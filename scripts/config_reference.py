@@ -14,7 +14,7 @@ START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 def reference() -> str:
     cfg = ExperimentConfig()
     out = []
-    for section in ("run", "model", "data", "partition", "fleet", "train", "tracking"):
+    for section in ("run", "model", "data", "partition", "fleet", "train", "privacy", "tracking"):
         model = type(getattr(cfg, section))
         out += [f"`[{section}]`", "", "| key | default | meaning |", "|---|---|---|"]
         for key, field in model.model_fields.items():

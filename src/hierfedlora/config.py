@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hierfedlora.errors import ConfigError
 
@@ -134,6 +134,30 @@ class RunConfig(_Section):
     progress: bool = Field(True, description="Show a progress bar.")
 
 
+class PrivacyConfig(_Section):
+    """Client-level differential privacy of the updates (docs/privacy.md): each device's update is
+    clipped to `clip_norm` and Gaussian noise of multiplier `noise_multiplier` is added, on the
+    device (local) or to the aggregate by the trusted aggregator (central)."""
+
+    dp: Literal["off", "central", "local"] = Field(
+        "off", description="off: updates as trained; central: the aggregator clips each update to clip_norm, averages "
+        "them with equal weights and adds N(0, (σ·C/m)²) to the mean of m; local: each device clips its update and adds "
+        "N(0, (σ·C)²) before uploading. The run reports ε at delta per round (dp_epsilon in metrics.jsonl).")
+    clip_norm: float | None = Field(None, gt=0, allow_inf_nan=False, description=(
+        "C: bound on the L2 norm of a device's update (its change to the uploaded LoRA factors and head, all tensors "
+        "together); required with dp on. dp_update_norm in metrics.jsonl reports the norms before clipping."))
+    noise_multiplier: float = Field(0.0, ge=0, description=(
+        "σ: noise std as a multiple of clip_norm (on the mean of m updates: σ·C/m); 0 adds none and gives ε = ∞."))
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ at which ε is reported (smaller than 1/num_devices is usual).")
+
+    @model_validator(mode="after")
+    def _clip_when_on(self) -> "PrivacyConfig":
+        if self.dp != "off" and self.clip_norm is None:
+            raise ValueError(f"dp = \"{self.dp}\" needs privacy.clip_norm (C > 0, e.g. 1.0; a short run's dp_update_norm "
+                             "shows the norms to pick it from)")
+        return self
+
+
 class TrackingConfig(_Section):
     # mirrors of the run directory only: left out of the checkpoint's fingerprint (engine.config_fingerprint)
     tensorboard: bool = Field(False, description="Log per-round metrics, the config and the summary as TensorBoard event files in <run dir>/tensorboard.")
@@ -150,6 +174,7 @@ class ExperimentConfig(_Section):
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     fleet: FleetConfig = Field(default_factory=FleetConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     method: dict[str, Any] = Field(default_factory=lambda: {"name": "fedlora"})
 
@@ -251,6 +276,11 @@ def check_secure_aggregation(cfg: ExperimentConfig) -> None:
         ok = sorted(n for n, e in available().items() if e.strategy.secure_aggregation_refusal is None)
         raise ConfigError(f"fleet.secure_aggregation: method '{name}' cannot run under secure aggregation: {reason}. "
                           f"Turn fleet.secure_aggregation off, or use a method that can: {', '.join(ok)}.")
+    if cfg.privacy.dp == "central":
+        raise ConfigError("fleet.secure_aggregation cannot be combined with privacy.dp = \"central\": central DP "
+                          "clips each update at a trusted aggregator, which secure aggregation keeps from seeing it. "
+                          "Use privacy.dp = \"local\" (each device clips and noises its update before masking), or "
+                          "turn fleet.secure_aggregation off.")
     if cfg.fleet.deadline_s is not None:
         raise ConfigError("fleet.secure_aggregation cannot be combined with fleet.deadline_s: a straggler's update is "
                           "discarded after it arrives, but under secure aggregation it is already in the sum. "

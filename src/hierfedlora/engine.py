@@ -25,7 +25,8 @@ import torch
 from hierfedlora import data as data_mod
 from hierfedlora import instruct
 from hierfedlora.clock import TrafficMeter, compute_time, transfer_time
-from hierfedlora.config import ExperimentConfig
+from hierfedlora import privacy
+from hierfedlora.config import ExperimentConfig, PrivacyConfig
 from hierfedlora.device import instruct_eval
 from hierfedlora.device.executor import LocalExecutor
 from hierfedlora.device.instruct_eval import EvalSet
@@ -39,8 +40,8 @@ from hierfedlora.fast.workers import ProcessExecutor, WorkerSetup
 from hierfedlora.fleet import DeviceProfile, availability, build_fleet, round_profiles
 from hierfedlora.lora_state import State, from_device, num_bytes, to_device
 from hierfedlora.partition import label_histograms, partition
-from hierfedlora.protocol import (DeviceJob, DevicePlan, Exchange, Executor, Job, LocalTraining, Missed, Scores,
-                                  SetupInfo, TrainResult)
+from hierfedlora.protocol import (DeviceJob, DevicePlan, Exchange, Executor, Job, LocalDP, LocalTraining, Missed,
+                                  Scores, SetupInfo, TrainResult)
 from hierfedlora.strategies.registry import get_strategy, trainer_options
 
 CHECKPOINT = "checkpoint.pt"
@@ -150,14 +151,29 @@ def config_fingerprint(cfg: ExperimentConfig) -> str:
     if not d["fleet"].get("secure_aggregation", True):  # likewise
         del d["fleet"]["secure_aggregation"]
     d.pop("tracking", None)  # where the run is mirrored to, not what it computes
+    if d.get("privacy") == PrivacyConfig().model_dump(mode="json", exclude_none=True):
+        del d["privacy"]  # dp off hashes as before the section existed: old checkpoints resume
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def local_training(cfg: ExperimentConfig) -> LocalTraining:
     """The settings every device job of this experiment trains with."""
-    t = cfg.train
+    t, p = cfg.train, cfg.privacy
+    local_dp = LocalDP(p.clip_norm, p.noise_multiplier) if p.dp == "local" else None
     return LocalTraining(seed=cfg.run.seed, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
-                         backward_ratio=cfg.fleet.backward_ratio, lockstep=t.lockstep, regularisers=trainer_options())
+                         backward_ratio=cfg.fleet.backward_ratio, lockstep=t.lockstep, regularisers=trainer_options(),
+                         local_dp=local_dp)
+
+
+def check_central_dp(cfg: ExperimentConfig) -> None:
+    """Refuse `privacy.dp = "central"` for a method that declares it cannot take it
+    (`Strategy.no_central_dp`): its aggregate is not a uniform mean the noise σC/m protects."""
+    entry = get_strategy(cfg.method.get("name", "fedlora"))
+    why = entry.strategy.no_central_dp
+    if cfg.privacy.dp == "central" and why is not None:
+        raise ConfigError(f"privacy.dp = \"central\" cannot protect method.name = \"{entry.name}\": {why}. Use "
+                          "privacy.dp = \"local\" (each device privatises its own update), or a method whose aggregate "
+                          "is a uniform mean (fedlora, fedlora_topk, ffalora, hierfavg, hierfedlora).")
 
 
 def local_executor(sim: "Simulation") -> Executor:
@@ -180,6 +196,7 @@ class Simulation:
     def __init__(self, cfg: ExperimentConfig, out_dir: str | Path | None = None,
                  executor: Callable[["Simulation"], Executor] | None = None):
         self.cfg = cfg
+        check_central_dp(cfg)  # before anything loads: a refused setting is reported in a second
         self.out = Path(out_dir) if out_dir else None
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -240,6 +257,7 @@ class Simulation:
         self.sim_time = 0.0
         self.round = 0
         self.rows: list[dict[str, Any]] = []
+        self.dp_releases = [0] * cfg.fleet.num_devices  # per device: DP releases its updates took part in
         self.executor: Executor = executor(self) if executor else self._default_executor()
 
     def _default_executor(self) -> Executor:
@@ -299,8 +317,8 @@ class Simulation:
                 continue
             k = ctx.calls.get(d, 0)
             ctx.calls[d] = k + 1
-            sent.append((plan, payload, k, b_down, job.aggregator))
-        device_jobs = [DeviceJob(plan, payload, k) for plan, payload, k, _, _ in sent]
+            sent.append((plan, payload, k, b_down, job.state, job.aggregator))
+        device_jobs = [DeviceJob(plan, payload, k) for plan, payload, k, *_ in sent]
         sums = None
         if self.cfg.fleet.secure_aggregation:  # the aggregators get each group's sum, not the updates
             aggregators = [a for *_, a in sent]
@@ -312,11 +330,15 @@ class Simulation:
         else:
             outputs = self.executor.run(rnd, device_jobs)
         results = []
-        for (plan, payload, k, b_down, _), out in zip(sent, outputs):
+        for (plan, payload, k, b_down, start, _), out in zip(sent, outputs):
             d = plan.device
             if out is None:  # the device failed while working on it
                 missed.append(self._drop(ctx, plan, payload, b_down))
                 continue
+            if self.cfg.privacy.dp == "local":  # the device privatised it before upload: one release
+                self.dp_releases[d] += 1
+                if out.update_norm is not None:  # a Flower SuperNode does not report it
+                    ctx.dp_norms.append(out.update_norm)
             # what it uploads: its update, or under secure aggregation the same tensors, masked
             b_up = num_bytes(out.update, bpp) if out.update is not None else num_bytes(payload, bpp, plan.uploaded(payload))
             up_bw, down_bw, lat = profiles[d].link(plan.link)
@@ -331,12 +353,48 @@ class Simulation:
                 ctx.stragglers.add(d)
                 missed.append(Missed(d, "straggler", deadline, b_down, b_up))
                 continue
+            if self.cfg.privacy.dp == "central":
+                self._clip(ctx, result, start)
             results.append(result)
         if not results and any(m.reason == "straggler" for m in missed):
             warnings.warn(f"no update of an exchange arrived within fleet.deadline_s = {deadline:g} s: its aggregator "
                           "keeps its model and the exchange lasts the deadline; raise fleet.deadline_s if every "
                           "device should be able to make it", stacklevel=2)
         return Exchange(results, missed, sums)
+
+    def _clip(self, ctx: "_RoundContext", result: TrainResult, start: State) -> None:
+        """Central DP, as the trusted aggregator receives an update: its change to the model the
+        job started from clipped to C (server convention, all its tensors together), and weight 1,
+        so the strategy's mean is the uniform mean of clipped updates whose noise `_release` adds
+        (and the example counts stay with the aggregator)."""
+        result.update, norm = privacy.clip_update(result.update, start, list(result.update), self.cfg.privacy.clip_norm)
+        result.num_examples = 1
+        ctx.dp_norms.append(norm)
+
+    def _release(self, ctx: "_RoundContext", state: State, results: list[TrainResult]) -> State:
+        """`RoundContext.release`: under central DP N(0, (σC/m)²) on every coordinate of the keys
+        the m updates hold, from a generator seeded by (seed, round, release of the round), and one
+        release counted for each of their devices; otherwise `state` as it is."""
+        p = self.cfg.privacy
+        if p.dp != "central" or not results:
+            return state
+        keys = [k for k in state if any(k in r.update for r in results)]
+        gen = privacy.noise_generator((self.cfg.run.seed, 8008, ctx.rnd, ctx.releases))
+        ctx.releases += 1
+        for r in results:
+            self.dp_releases[r.device] += 1
+        return privacy.add_noise(state, keys, p.noise_multiplier * p.clip_norm / len(results), gen)
+
+    def _dp_row(self, ctx: "_RoundContext") -> dict[str, Any]:
+        """The privacy columns of a metrics row (dp on): ε at δ of the device that took part in the
+        most releases so far (the worst case: ε grows with k), that k, and this round's mean norm
+        of the updates before clipping with the fraction clipped (None when no update came)."""
+        p = self.cfg.privacy
+        k = max(self.dp_releases, default=0)
+        norms = ctx.dp_norms
+        return {"dp_epsilon": privacy.json_epsilon(privacy.epsilon(p.noise_multiplier, k, p.delta)), "dp_releases": k,
+                "dp_update_norm": float(np.mean(norms)) if norms else None,
+                "dp_clipped_fraction": float(np.mean([n > p.clip_norm for n in norms])) if norms else None}
 
     def _drop(self, ctx: "_RoundContext", plan: DevicePlan, payload: State, b_down: int) -> Missed:
         """A device that received its model and sent nothing: book its download; the aggregator
@@ -390,6 +448,8 @@ class Simulation:
             "state": self.state, "strategy": self.strategy.state_dict(), "sim_time": self.sim_time,
             "meter": self.meter.state_dict(), "rows": self.rows, "test_confusion": self.test_confusion,
         }
+        if self.cfg.privacy.dp != "off":  # dp off writes what it wrote before the setting existed
+            blob["dp_releases"] = list(self.dp_releases)
         tmp = self.out / (CHECKPOINT + ".tmp")
         torch.save(blob, tmp)
         os.replace(tmp, self.out / CHECKPOINT)
@@ -424,6 +484,11 @@ class Simulation:
         self.meter.load_state_dict(blob["meter"])
         self.rows = blob["rows"]
         self.test_confusion = blob.get("test_confusion")  # older checkpoints: the next evaluation sets it
+        if self.cfg.privacy.dp != "off":  # the fingerprint holds the privacy settings: dp on wrote the counts
+            if len(blob.get("dp_releases", ())) != len(self.dp_releases):
+                raise CheckpointError(f"checkpoint '{path}' lacks the DP release counts of its devices (damaged); "
+                                      "delete it to restart the run from scratch.")
+            self.dp_releases = [int(k) for k in blob["dp_releases"]]
 
     # -- the loop --------------------------------------------------------------------------
     def _eval_row(self) -> dict[str, float]:
@@ -465,6 +530,8 @@ class Simulation:
         }
         if self.cfg.fleet.deadline_s is not None:
             row["stragglers"] = sorted(ctx.stragglers)
+        if self.cfg.privacy.dp != "off":
+            row.update(self._dp_row(ctx))
         if rnd % self.cfg.run.eval_every == 0 or self.done:  # the last round is always evaluated
             row.update(self._eval_row())
         row.update(report.extra)
@@ -523,6 +590,11 @@ class Simulation:
             hit = next((r for r in evals if r[key] >= target), None)
             s["time_to_target_s"] = hit["sim_time_s"] if hit else None
             s["bytes_to_target"] = (hit["bytes_up"] + hit["bytes_down"]) if hit else None
+        p = self.cfg.privacy
+        if p.dp != "off":  # ε of the worst device over the whole run (null: ∞, no noise)
+            eps = privacy.epsilon(p.noise_multiplier, max(self.dp_releases, default=0), p.delta)
+            s.update(dp_mode=p.dp, dp_epsilon=privacy.json_epsilon(eps), dp_delta=p.delta,
+                     noise_multiplier=p.noise_multiplier, clip_norm=p.clip_norm, dp_releases=max(self.dp_releases))
         return s
 
 
@@ -533,7 +605,8 @@ class _RoundContext:
     and randomness; training, transfers and validation go through the simulation, which books them.
     `drops`: devices that drop out if asked to train; `calls`: jobs each device ran this round (its
     batches and seeds derive from it); `dropped`, `stragglers`: who dropped out, whose update came
-    after the deadline (for the metrics row)."""
+    after the deadline (for the metrics row); `dp_norms`, `releases`: under DP, the round's update
+    norms before clipping and its noised aggregates so far (the next one's noise seed)."""
 
     sim: Simulation
     rnd: int
@@ -544,9 +617,14 @@ class _RoundContext:
     calls: dict[int, int] = dataclasses.field(default_factory=dict)
     dropped: set[int] = dataclasses.field(default_factory=set)
     stragglers: set[int] = dataclasses.field(default_factory=set)
+    dp_norms: list[float] = dataclasses.field(default_factory=list)  # DP: update norms before clipping
+    releases: int = 0  # central DP: noised aggregates released so far this round
 
     def train(self, jobs: list[Job]) -> Exchange:
         return self.sim._train(self, jobs)
+
+    def release(self, state: State, results: list[TrainResult]) -> State:
+        return self.sim._release(self, state, results)
 
     def transfer(self, nbytes_up: int, nbytes_down: int, link: str, profile: DeviceProfile) -> float:
         self.sim.meter.add(link, up=nbytes_up, down=nbytes_down)

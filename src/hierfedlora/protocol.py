@@ -269,6 +269,9 @@ class JobOutput:
     train_loss: float
     flops: float  # FLOPs of the local steps, from the real token lengths (for the simulated clock)
     num_examples: int
+    # local DP: ‖Δ‖₂ of the update before clipping, for the simulator's dp_update_norm (a diagnostic
+    # for choosing the bound, not privatised: a Flower SuperNode does not send it)
+    update_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -298,6 +301,16 @@ class Scores:
 
 
 @dataclass(frozen=True)
+class LocalDP:
+    """Local differential privacy of a device's update (`privacy.dp = "local"`): its change to the
+    uploaded tensors clipped to L2 norm `clip_norm` (C), then N(0, (σ·C)²) added per coordinate,
+    σ = `noise_multiplier`, before upload (`device.train.privatise`)."""
+
+    clip_norm: float
+    noise_multiplier: float
+
+
+@dataclass(frozen=True)
 class LocalTraining:
     """The settings of local training that every device job shares (from `train.*`, `run.seed`
     and `fleet.backward_ratio`), one object instead of a row of arguments."""
@@ -310,6 +323,7 @@ class LocalTraining:
     lockstep: int = 1  # devices of one plan shape trained together (fast path; 1 = one at a time)
     # loss terms by name in `DevicePlan.options` (`registry.trainer_options`): f(model, plan, value)
     regularisers: dict[str, Callable] = field(default_factory=dict)
+    local_dp: LocalDP | None = None  # `privacy.dp = "local"`: every job's update is privatised on the device
 
 
 class RoundContext(Protocol):
@@ -330,10 +344,22 @@ class RoundContext(Protocol):
     def validate(self, state: State, ranks: dict[int, int] | None = None) -> Scores:
         """Loss, accuracy and macro-F1 of a server-convention state on the validation split (not the test split)."""
 
+    def release(self, state: State, results: list[TrainResult]) -> State:
+        """The aggregate `state` of `results` as its aggregator releases it. A strategy passes every
+        uniform average it forms of an exchange's updates through here. Under central DP
+        (`privacy.dp = "central"`: the updates arrived clipped and weighted 1) it adds
+        N(0, (σ·C/m)²) to every coordinate of the keys the m = len(results) updates hold, and
+        counts one release for each of their devices; otherwise it returns `state` itself."""
+
 
 class Strategy(Protocol):
     """A method (one module in `strategies/`). `strategies.base.StrategyBase` gives the defaults
     of everything below but `global_ranks` and `run_round`."""
+
+    # why the method cannot take central DP (`privacy.dp = "central"`), None when it can: its
+    # aggregation must be a uniform per-key mean of all of an exchange's updates, each passed
+    # through `RoundContext.release` (default None; the engine refuses central DP otherwise)
+    no_central_dp: ClassVar[str | None]
 
     def global_ranks(self) -> dict[int, int]:
         """Rank R_l the server keeps in each layer (0 = no LoRA in that layer)."""

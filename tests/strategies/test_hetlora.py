@@ -129,6 +129,9 @@ class FakeCtx:
             out.append(TrainResult(p.device, from_device(dev, p.ranks, self.G), 10, 1.0, 1.0, 0.1, 0.1, 1, 1))
         return Exchange(out)
 
+    def release(self, state, results):
+        return state  # no central DP
+
 
 def test_self_pruning_shrinks_ranks_when_the_tail_decays_and_round_trips(tiny_cfg):
     setup = Simulation(tiny_cfg(**{"method.name": "hetlora", "fleet.name": "uniform"})).setup

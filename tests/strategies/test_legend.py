@@ -136,6 +136,9 @@ class FakeCtx:
             out.append(TrainResult(p.device, from_device(up, p.ranks, self.G), 10, 1.0, 1.0, 0.1, 0.1, 1, 1))
         return Exchange(out)
 
+    def release(self, state, results):
+        return state  # no central DP
+
 
 def test_strategy_plans_reconfigures_on_schedule_and_round_trips():
     base = build_fleet("jetson80", 10, 0)

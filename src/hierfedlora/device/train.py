@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hierfedlora import instruct
+from hierfedlora import instruct, privacy
 from hierfedlora.clock import step_flops
 from hierfedlora.data import collate
 from hierfedlora.device import instruct_eval
@@ -130,7 +130,26 @@ def run_job(model: LocalModel, data: DeviceData, job: DeviceJob, rnd: int, setti
     """
     batches, job_seed, flops = job_inputs(model, data, job, rnd, settings)
     update, loss = local_train(model, job.payload, job.plan, batches, settings, job_seed)
-    return JobOutput(update, loss, flops, len(data.positions))
+    update, norm = privatise(update, job, rnd, settings)
+    return JobOutput(update, loss, flops, len(data.positions), norm)
+
+
+def privatise(update: State, job: DeviceJob, rnd: int, settings: LocalTraining) -> tuple[State, float | None]:
+    """The update as the device uploads it, and ‖Δ‖₂ before clipping (None without local DP).
+
+    Local DP (`settings.local_dp`, `privacy`): Δ = update − payload over the uploaded keys
+    (`DevicePlan.uploaded`, device convention) clipped to C, then N(0, (σC)²) per coordinate, from
+    a generator seeded by (seed, round, device, call) like the batches, so every executor (joined,
+    workers, a Flower SuperNode) and a resumed run upload the same numbers."""
+    dp = settings.local_dp
+    if dp is None:
+        return update, None
+    keys = job.plan.uploaded(job.payload)
+    if set(keys) != set(update):
+        raise ValueError(f"device {job.plan.device}: update holds {sorted(set(update) ^ set(keys))} against its plan")
+    clipped, norm = privacy.clip_update(update, job.payload, keys, dp.clip_norm)
+    gen = privacy.noise_generator((settings.seed, 7007, rnd, job.plan.device, job.call))
+    return privacy.add_noise(clipped, keys, dp.noise_multiplier * dp.clip_norm, gen), norm
 
 
 @torch.no_grad()

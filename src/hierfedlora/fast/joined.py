@@ -22,7 +22,7 @@ from torch import nn
 
 from hierfedlora.device.executor import LocalExecutor
 from hierfedlora.device.model import put_factors, state_of
-from hierfedlora.device.train import DeviceData, job_inputs, run_job
+from hierfedlora.device.train import DeviceData, job_inputs, privatise, run_job
 from hierfedlora.fast import masks
 from hierfedlora.fast.model import FastModel
 from hierfedlora.fast.packed import (MIN_ROWS, Bucket, Pack, PackedEncoder, dropout, gather_index, lora_branch,
@@ -274,7 +274,8 @@ def run_jobs(model: FastModel, jobs: list[tuple[DeviceData, DeviceJob]], rnd: in
             items.append((job.payload, job.plan, batches, job_seed))
             flops.append(f)
         for i, (update, loss), f in zip(g, local_train_joined(model, items, settings), flops):
-            out[i] = JobOutput(update, loss, f, len(jobs[i][0].positions))
+            update, norm = privatise(update, jobs[i][1], rnd, settings)  # each device's own, as alone
+            out[i] = JobOutput(update, loss, f, len(jobs[i][0].positions), norm)
     return out
 
 

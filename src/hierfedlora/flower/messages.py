@@ -30,7 +30,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from hierfedlora.lora_state import State
-from hierfedlora.protocol import DevicePlan, JobOutput, LocalTraining
+from hierfedlora.protocol import DevicePlan, JobOutput, LocalDP, LocalTraining
 
 TRAIN = "train"  # Flower message types
 QUERY = "query"
@@ -93,20 +93,23 @@ def plan_from_record(rec: ConfigRecord) -> tuple[DevicePlan, int, int]:
 
 def settings_record(s: LocalTraining, fingerprint: str, secagg_clip: float = 0.0) -> ConfigRecord:
     """The local-training settings (a device trains one job at a time: no lockstep; its method's
-    loss terms are found by name on the device, `registry.trainer_options`), and under secure
-    aggregation the bound its update's entries must keep (`secagg-clip`; 0: not secure)."""
-    rec = ConfigRecord({"seed": int(s.seed), "batch-size": int(s.batch_size), "lr": float(s.lr),
-                        "weight-decay": float(s.weight_decay), "backward-ratio": float(s.backward_ratio),
-                        "fingerprint": fingerprint})
+    loss terms are found by name on the device, `registry.trainer_options`); under secure
+    aggregation the bound its update's entries must keep (`secagg-clip`; 0: not secure); with local
+    DP its clip norm and noise multiplier, so the SuperNode privatises its update before replying."""
+    rec = {"seed": int(s.seed), "batch-size": int(s.batch_size), "lr": float(s.lr),
+           "weight-decay": float(s.weight_decay), "backward-ratio": float(s.backward_ratio), "fingerprint": fingerprint}
     if secagg_clip > 0:
         rec["secagg-clip"] = float(secagg_clip)
-    return rec
+    if s.local_dp is not None:
+        rec.update({"dp-clip-norm": float(s.local_dp.clip_norm), "dp-noise-multiplier": float(s.local_dp.noise_multiplier)})
+    return ConfigRecord(rec)
 
 
 def settings_from_record(rec: ConfigRecord, regularisers: dict[str, Any]) -> LocalTraining:
+    local_dp = LocalDP(float(rec["dp-clip-norm"]), float(rec["dp-noise-multiplier"])) if "dp-clip-norm" in rec else None
     return LocalTraining(seed=int(rec["seed"]), batch_size=int(rec["batch-size"]), lr=float(rec["lr"]),
                          weight_decay=float(rec["weight-decay"]), backward_ratio=float(rec["backward-ratio"]),
-                         regularisers=regularisers)
+                         regularisers=regularisers, local_dp=local_dp)
 
 
 def train_content(payload: State, plan: DevicePlan, rnd: int, call: int, tag: str, base_tag: str,

@@ -33,10 +33,12 @@ from hierfedlora.protocol import DevicePlan, Job, RoundContext, RoundReport, Sum
 
 class StrategyBase:
     """Defaults of the optional parts of `protocol.Strategy`: no frozen layers promised, nothing
-    to checkpoint, no extra outputs, no secure aggregation."""
+    to checkpoint, no extra outputs, no secure aggregation, central DP supported (a method whose
+    rule is not a uniform per-key mean of an exchange's updates says why not in `no_central_dp`)."""
 
     secure_aggregation_refusal: ClassVar[str | None] = (
         "it has not declared that its aggregation is a data-weighted mean of the devices' updates")
+    no_central_dp: ClassVar[str | None] = None
 
     def lowest_trainable_layer(self) -> int:
         return 0
@@ -88,6 +90,7 @@ class OneShotStrategy(StrategyBase):
             new, more = self.aggregate_sum(state, exchange.sums[0], by_device)
         else:
             new, more = self.aggregate(state, results, by_device)
+            new = ctx.release(new, results)  # central DP: the aggregator's noise on the mean (else as is)
         return new, RoundReport(
             sim_time_s=exchange.time_s(),  # the last update to arrive, or the longest wait for a missing one
             train_loss=weighted_loss(results),

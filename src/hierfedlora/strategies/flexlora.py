@@ -41,6 +41,8 @@ class Strategy(OneShotStrategy):
         "it averages the devices' full products ΔW_k = B_k·A_k (out × in per module), not their factors: a secure "
         "sum would need each device to upload its weighted ΔW, in·out/(r_k·(in+out)) times its LoRA upload "
         "(24× for MiniLM's 384×384 modules at r_k = 8), which hierfedlora does not do")
+    no_central_dp = ("its aggregation is an SVD of the weighted sum of the updates' ΔW, not a per-key mean of the "
+                     "clipped factors")
 
     def __init__(self, settings: Settings, setup: SetupInfo):
         self.setup = setup

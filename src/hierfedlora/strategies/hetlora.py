@@ -150,6 +150,8 @@ class Strategy(OneShotStrategy):
     secure_aggregation_refusal = (
         "its aggregation weights are per-device update norms (‖B_k A_k‖_F per module), and its self-pruning "
         "reads each device's tail norm: both need each update on its own")
+    no_central_dp = ("its aggregation weights each update by the norm of its factors (not a uniform mean), and "
+                     "devices of different ranks hold different slots")
 
     def __init__(self, settings: Settings, setup: SetupInfo):
         self.s = settings

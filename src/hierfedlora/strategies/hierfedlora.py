@@ -29,7 +29,9 @@ time; the global round ends when the last group reports, design.md §3):
    it still applies the frozen group-model LoRA of the lower layers, so the plan gives every layer
    the global rank. From the second intra-group round on, devices already hold the frozen layers
    and download only the trained ones. The group aggregator takes the data-weighted FedAvg of the
-   trained layers and the head; lower layers stay as the global model had them. An intra-group
+   trained layers and the head; lower layers stay as the global model had them (under central DP
+   the group aggregator adds the noise, `RoundContext.release`; the PS's average of the noised
+   group models is post-processing). An intra-group
    round lasts `Exchange.time_s` of the group's members: its slowest member's job, or its
    aggregator's wait for a member that dropped out or missed `fleet.deadline_s` (design.md §3;
    such an update is not averaged); a group none of whose updates arrives stops there for this
@@ -279,6 +281,7 @@ class Strategy(StrategyBase):
                     out[k][0] = exchange.sums[k].apply(out[k][0])
                 else:
                     out[k][0] = slot_average(out[k][0], [r.update for r in mine], [r.num_examples for r in mine])
+                    out[k][0] = ctx.release(out[k][0], mine)  # central DP: the group aggregator's noise
                 out[k][1] += mine
         for k, _, depth, _ in runs:
             gstate, results, _ = out[k]

@@ -199,6 +199,8 @@ class Strategy(OneShotStrategy):
         "its per-slot averages divide each rank slot by the weight of the devices that hold it, and its devices "
         "hold different layers and ranks: a secure sum would need every update zero-padded to the server's ranks "
         "with a per-slot weight beside it, which hierfedlora does not do")
+    no_central_dp = ("devices of different depths and ranks hold different slots, so a slot's mean runs over its h "
+                     "holders only (sensitivity C/h, not C/m)")
 
     def __init__(self, settings: Settings, setup: SetupInfo):
         self.s = settings
