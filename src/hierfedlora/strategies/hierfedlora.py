@@ -6,6 +6,16 @@ label histograms close to the global one, plus λ times the spread of the device
 times (one full-depth intra-group round: E local steps + model down/up on the group link, from the
 base profiles). The grouping is reported per group in `grouping.json`.
 
+Private grouping (`grouping_input`, SPEC §5; docs/privacy.md). What the grouping reads:
+"histograms" every device's label counts (the papers' setting); "ldp" counts each device noised
+with Laplace at ε = `grouping_epsilon` before upload; "pooled" only pooled sums of ≥ 2 devices,
+through secure aggregation, in a federated version of the greedy (ε, if set, in total over the
+releases); "embeddings" no labels at all: a `sketch_dim`-dimensional random projection of each
+device's mean token embedding (`SetupInfo.device_embeddings`), for tasks without labels. All four
+minimise the same J (`private_grouping`). grouping.json's `private_grouping` block names the input
+and ε and sets Σ_k KL(P_k‖P) of the chosen groups beside the exact greedy's and random groups',
+all three measured with the true histograms (evaluation only; the grouping never read them).
+
 Each global round, for every group k with available members (groups run concurrently in simulated
 time; the global round ends when the last group reports, design.md §3):
 
