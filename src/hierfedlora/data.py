@@ -671,6 +671,16 @@ def tokenize(
     return out
 
 
+def mean_token_embeddings(ids: list[np.ndarray], lens: np.ndarray | None, embedding: torch.Tensor) -> np.ndarray:
+    """[examples, hidden]: each example's mean row of the frozen input embedding table over its
+    first `lens` tokens (all of them when None; at least one), unit-normalised. A cheap content
+    signal that needs no forward pass (prompt clusters, label-free grouping sketches)."""
+    with torch.no_grad():
+        x = torch.stack([embedding[torch.as_tensor(v if lens is None else v[:max(1, int(p))], dtype=torch.long)].float().mean(0)
+                         for v, p in zip(ids, lens if lens is not None else [0] * len(ids))])
+        return torch.nn.functional.normalize(x, dim=1).numpy().astype(np.float64)
+
+
 def collate(ids: list[np.ndarray], labels: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
     """Pad a batch to its longest example: ``input_ids``, ``attention_mask`` (1 on real
     tokens) and ``labels``, all int64."""

@@ -9,6 +9,7 @@ generator, so a resumed run repeats the uninterrupted one exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -119,6 +120,13 @@ def build_workload(cfg: ExperimentConfig, tokenizer, embedding: torch.Tensor | N
     if empty:
         raise DataError(f"devices {empty} received no data; lower fleet.num_devices or use a milder partition.")
     return Workload(names, ids, labels, train, val, test, parts, tokenizer.pad_token_id, **extra)
+
+
+def device_embeddings(w: Workload, embedding: torch.Tensor) -> np.ndarray:
+    """[num_devices, hidden]: each device's mean over its examples of `data.mean_token_embeddings`
+    (prompt tokens only for instruction data: the response is what the model learns to write)."""
+    x = data_mod.mean_token_embeddings(w.ids, w.prompt_lens, embedding)
+    return np.stack([x[p].mean(axis=0) for p in w.parts])
 
 
 def _length_sorted_batches(w: Workload, positions: np.ndarray, batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -232,6 +240,7 @@ class Simulation:
             mean_response_len=([float(np.mean([len(w.ids[i]) - w.prompt_lens[i] for i in p])) for p in w.parts]
                                if w.prompt_lens is not None else None),
             metric=cfg.run.metric,
+            device_embeddings=functools.cache(lambda: device_embeddings(w, base.get_input_embeddings().weight.detach())),
         )
         entry = get_strategy(cfg.method.get("name", "fedlora"))
         self.method = entry.name

@@ -30,11 +30,18 @@ The procedure (our reading of design.md §2.1's "greedy K-means-style" procedure
    with a device of another group (sizes unchanged). Stop after a sweep that changes nothing, or
    after `max_passes` sweeps. J never increases, so the procedure terminates.
 
+What a group is scored on is pluggable (`PooledStatistic`): the KL term needs only each device's
+additive row (its label counts; pooling data = summing rows) and a divergence of a pooled row from
+the fleet's. `group_devices` is the label case; `group_by` runs the same greedy on any statistic,
+e.g. label-free sketches (`private_grouping`), so the procedure exists once.
+
 All functions are pure; randomness comes only from the `seed` argument.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -66,25 +73,45 @@ def size_bounds(n: int, k: int, slack: float) -> tuple[int, int]:
     return lo, hi
 
 
+@dataclass(frozen=True)
+class PooledStatistic:
+    """What the grouping scores a group on: one additive row per device (the rows of a group sum
+    to the group's pooled statistic) and `divergence`, pooled rows [..., d] -> the first term of
+    J per row (0 for a group that looks like the whole fleet). `sizes` (examples per device) only
+    orders the greedy seeding."""
+
+    rows: np.ndarray
+    sizes: np.ndarray
+    divergence: Callable[[np.ndarray], np.ndarray]
+
+
+def label_statistic(hists: np.ndarray) -> PooledStatistic:
+    """Label counts, scored by KL(P_k ‖ P) with P the distribution of all rows pooled."""
+    hists = np.asarray(hists, dtype=np.float64)
+    p = label_dist(hists.sum(axis=0))
+    return PooledStatistic(hists, hists.sum(axis=1), lambda counts: kl_rows(counts, p))
+
+
 class _Groups:
     """Running per-group sums so a move or swap is scored without recomputing every group."""
 
-    def __init__(self, hists: np.ndarray, x: np.ndarray, k: int, lam: float):
-        self.h, self.x, self.k, self.lam = hists, x, k, lam
-        self.p = label_dist(hists.sum(axis=0))
+    def __init__(self, stat: PooledStatistic, x: np.ndarray, k: int, lam: float):
+        self.h, self.x, self.k, self.lam = stat.rows, x, k, lam
+        self.divergence = stat.divergence
         var = float(x.var()) if len(x) else 0.0
         self.norm = lam / var if var > 0 else 0.0  # λ / Var_all(log t); 0 when all devices are alike
-        self.counts = np.zeros((k, hists.shape[1]))
+        self.counts = np.zeros((k, self.h.shape[1]))
         self.s1 = np.zeros(k)
         self.s2 = np.zeros(k)
         self.m = np.zeros(k, dtype=np.int64)
         self.of = np.full(len(x), -1, dtype=np.int64)
 
     def cost(self, counts: np.ndarray, s1: np.ndarray, s2: np.ndarray, m: np.ndarray) -> np.ndarray:
-        """KL(P_k ‖ P) + λ·Var_k(log t)/Var_all(log t), vectorised over leading dims (empty group: 0)."""
+        """D(pooled_k) + λ·Var_k(log t)/Var_all(log t), vectorised over leading dims (empty group: 0);
+        D = KL(P_k ‖ P) for labels."""
         mm = np.maximum(m, 1)
         var = np.maximum(s2 / mm - (s1 / mm) ** 2, 0.0)
-        return np.where(m > 0, kl_rows(counts, self.p) + self.norm * var, 0.0)
+        return np.where(m > 0, self.divergence(counts) + self.norm * var, 0.0)
 
     def group_cost(self, g: int) -> float:
         return float(self.cost(self.counts[g], self.s1[g], self.s2[g], self.m[g]))
@@ -155,18 +182,23 @@ def group_devices(hists: np.ndarray, times: np.ndarray | list[float], num_groups
 
     `hists` is [num_devices, num_classes] label counts, `times` each device's predicted round time.
     """
-    hists = np.asarray(hists, dtype=np.float64)
+    return group_by(label_statistic(hists), times, num_groups, lam, size_slack, seed, max_passes)
+
+
+def group_by(stat: PooledStatistic, times: np.ndarray | list[float], num_groups: int, lam: float = 0.0,
+             size_slack: float = 0.0, seed: int = 0, max_passes: int = 20) -> list[list[int]]:
+    """`group_devices` on any pooled statistic: J = Σ_k [D(pooled_k) + λ·S_k]."""
     t = np.asarray(times, dtype=np.float64)
-    n = len(hists)
+    n = len(stat.rows)
     if not 1 <= num_groups <= n:
         raise ConfigError(f"num_groups = {num_groups} must be between 1 and the number of devices ({n})")
     if len(t) != n or np.any(t <= 0):
         raise ValueError("times must hold one positive predicted round time per device")
     lo, hi = size_bounds(n, num_groups, size_slack)
     rng = np.random.default_rng([seed, 7007])
-    st = _Groups(hists, np.log(t), num_groups, lam)
+    st = _Groups(stat, np.log(t), num_groups, lam)
     shuffled = rng.permutation(n)
-    order = shuffled[np.argsort(-hists.sum(axis=1)[shuffled], kind="stable")]
+    order = shuffled[np.argsort(-np.asarray(stat.sizes, dtype=np.float64)[shuffled], kind="stable")]
     _greedy_init(st, order, lo, hi)
     for _ in range(max_passes):
         changed = False

@@ -213,10 +213,7 @@ def collate(ids: list[np.ndarray], prompt_lens: np.ndarray, pad_id: int) -> dict
 def cluster_ids(ids: list[np.ndarray], prompt_lens: np.ndarray, embedding: torch.Tensor, k: int, seed: int) -> np.ndarray:
     """Seeded k-means (Lloyd, k-means++ start, 25 iterations) of each prompt's mean token embedding
     (rows of the frozen model's input embedding table), unit-normalised; the cluster of each example."""
-    with torch.no_grad():
-        x = torch.stack([embedding[torch.as_tensor(v[:max(1, int(p))], dtype=torch.long)].float().mean(0)
-                         for v, p in zip(ids, prompt_lens)])
-        x = torch.nn.functional.normalize(x, dim=1).numpy().astype(np.float64)
+    x = data_mod.mean_token_embeddings(ids, prompt_lens, embedding)
     k = min(k, len(x))
     rng = np.random.default_rng([seed, 7007])
 

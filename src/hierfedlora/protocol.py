@@ -209,6 +209,10 @@ class SetupInfo:
     seed: int
     mean_response_len: list[float] | None = None  # instruction tuning: tokens the loss counts per example
     metric: str = "accuracy"  # `run.metric`: what a score-based reward measures (`Scores.metric`)
+    # [num_devices, hidden]: each device's mean token embedding under the frozen base model (prompt
+    # tokens for instruction data), computed on the first call only, so a strategy that never asks
+    # costs nothing; a label-free signal for grouping (`private_grouping`). None: not available.
+    device_embeddings: Callable[[], np.ndarray] | None = None
 
 
     @property

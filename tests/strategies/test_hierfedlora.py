@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,3 +129,70 @@ def test_random_grouping_ablation_uses_seeded_random_groups(tiny_cfg):
     sim = Simulation(cfg)
     assert sim.strategy.groups == random_groups(cfg.fleet.num_devices, 2, cfg.run.seed)
     sim.step()
+
+
+# -- private grouping (grouping_input) --------------------------------------------------------------
+
+@pytest.mark.parametrize("grouping_input,eps", [("ldp", 1.0), ("pooled", 1.0), ("embeddings", None)])
+def test_private_grouping_input_runs_and_reports(tiny_cfg, tmp_path, grouping_input, eps):
+    from hierfedlora.experiment import run_experiment
+
+    sets = {"method.grouping_input": grouping_input, "run.rounds": 1, "fleet.num_devices": 6, "method.grouping_passes": 3}
+    if eps is not None:
+        sets["method.grouping_epsilon"] = eps
+    run_experiment(_hier(tiny_cfg, **sets), tmp_path, progress=False, export=False)
+    rep = json.loads((tmp_path / "grouping.json").read_text())
+    assert sorted(i for g in rep["groups"] for i in g["members"]) == list(range(6))
+    priv = rep["private_grouping"]
+    assert priv["input"] == grouping_input and priv["epsilon"] == eps
+    assert priv["kl_sum"] == pytest.approx(sum(g["kl_to_global"] for g in rep["groups"]))  # true histograms
+    assert priv["exact_kl_sum"] >= 0 and priv["random_kl_sum"] >= 0
+    if grouping_input == "pooled":
+        assert 0 < priv["epsilon_spent"] <= eps and priv["releases"] >= 1
+
+
+def test_histograms_input_gives_todays_groups(tiny_cfg):
+    from hierfedlora.grouping import group_devices
+
+    sim = Simulation(_hier(tiny_cfg, **{"fleet.num_devices": 6}))
+    st = sim.strategy
+    assert st.s.grouping_input == "histograms"
+    assert st.groups == group_devices(sim.setup.label_hists, st.device_round_s, 2, st.s.grouping_lambda,
+                                      st.s.size_slack, sim.setup.seed, st.s.grouping_passes)
+    rep = st.grouping()["private_grouping"]
+    assert rep["kl_sum"] == rep["exact_kl_sum"]
+
+
+def test_embeddings_grouping_on_open_instruction_data(tiny_llm_cfg):
+    sim = Simulation(tiny_llm_cfg(**{"method.name": "hierfedlora", "method.num_groups": 2, "task.answers": "open",
+                                     "method.grouping_input": "embeddings", "run.rounds": 1}))
+    assert sim.work.answers is None  # open answers: the "labels" are prompt clusters
+    assert sorted(i for g in sim.strategy.groups for i in g) == [0, 1, 2, 3]
+    emb = sim.setup.device_embeddings()
+    assert emb.shape[0] == 4 and np.all(np.isfinite(emb)) and emb is sim.setup.device_embeddings()  # computed once
+
+
+@pytest.mark.parametrize("sets,match", [
+    ({"method.grouping_input": "ldp", "method.grouping_epsilon": 0.0}, "method.grouping_epsilon"),
+    ({"method.grouping_input": "pooled", "method.grouping_epsilon": -1.0}, "method.grouping_epsilon"),
+    ({"method.grouping_epsilon": 1.0}, "method.grouping_epsilon"),  # histograms add no noise
+    ({"method.grouping": "random", "method.grouping_input": "ldp"}, "method.grouping_input"),
+    ({"method.grouping_input": "pooled", "method.num_groups": 3}, "method.num_groups"),  # 4 devices: groups of 1
+])
+def test_bad_private_grouping_settings(tiny_cfg, sets, match):
+    from hierfedlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        Simulation(_hier(tiny_cfg, **sets))
+
+
+def test_resume_repeats_the_uninterrupted_run_with_ldp_grouping(tiny_cfg, tmp_path, interrupted_run):
+    cfg = _hier(tiny_cfg, **{"run.rounds": 3, "run.checkpoint_every": 1, "fleet.num_devices": 6,
+                             "method.grouping_input": "ldp", "method.grouping_epsilon": 0.5})
+    full = Simulation(cfg).run()
+    out = tmp_path / "run"
+    interrupted_run(cfg, out, after=2)
+    resumed = Simulation(cfg, out)
+    resumed.load_checkpoint(out / CHECKPOINT)
+    assert resumed.round == 2 and resumed.strategy.groups == Simulation(cfg).strategy.groups
+    assert resumed.run() == full

@@ -6,6 +6,16 @@ label histograms close to the global one, plus λ times the spread of the device
 times (one full-depth intra-group round: E local steps + model down/up on the group link, from the
 base profiles). The grouping is reported per group in `grouping.json`.
 
+Private grouping (`grouping_input`, SPEC §5; docs/privacy.md). What the grouping reads:
+"histograms" every device's label counts (the papers' setting); "ldp" counts each device noised
+with Laplace at ε = `grouping_epsilon` before upload; "pooled" only pooled sums of ≥ 2 devices,
+through secure aggregation, in a federated version of the greedy (ε, if set, in total over the
+releases); "embeddings" no labels at all: a `sketch_dim`-dimensional random projection of each
+device's mean token embedding (`SetupInfo.device_embeddings`), for tasks without labels. All four
+minimise the same J (`private_grouping`). grouping.json's `private_grouping` block names the input
+and ε and sets Σ_k KL(P_k‖P) of the chosen groups beside the exact greedy's and random groups',
+all three measured with the true histograms (evaluation only; the grouping never read them).
+
 Each global round, for every group k with available members (groups run concurrently in simulated
 time; the global round ends when the last group reports, design.md §3):
 
@@ -79,13 +89,20 @@ from hierfedlora.bandit import RUCB
 from hierfedlora.clock import transfer_time
 from hierfedlora.errors import CheckpointError, ConfigError
 from hierfedlora.fleet import EDGE_AGGREGATOR, DeviceProfile
-from hierfedlora.grouping import group_devices, grouping_report, random_groups
+from hierfedlora.grouping import group_by, group_devices, grouping_report, pooled_kl, random_groups, size_bounds
 from hierfedlora.lora_state import State, head_and_layers, num_bytes
+from hierfedlora.private_grouping import ldp_histograms, pooled_grouping, random_projection, sketch_statistic
 from hierfedlora.protocol import DevicePlan, Job, RoundContext, RoundReport, Scores, SetupInfo, TrainResult
 from hierfedlora.strategies.base import StrategyBase, weighted_loss
 
 NAME = "hierfedlora"
 
+_EPSILON_MEANING = {
+    "histograms": "no privacy: the server reads every device's label counts",
+    "ldp": "per device: each uploaded histogram is ε-DP (one example's label replaced); ε unset = no noise",
+    "pooled": "in total over all pooled-sum releases (ε/(grouping_passes+1) each); ε unset = exact sums",
+    "embeddings": "no DP guarantee: no label is sent, but the sketch is not noised",
+}
 _REL_TOL = 1e-9  # an arm predicted to take exactly the budget is eligible despite float rounding
 
 
@@ -101,6 +118,13 @@ class Settings(BaseModel):
     grouping_passes: int = Field(20, ge=0, description="Most refinement sweeps of the greedy grouping.")
     grouping: Literal["near_iid", "random"] = Field("near_iid", description=(
         "near_iid: the KL + λ·spread grouping above; random: seeded random equal-size groups (ablation)."))
+    grouping_input: Literal["histograms", "ldp", "pooled", "embeddings"] = Field("histograms", description=(
+        "What the near-IID grouping sees (private_grouping): histograms = every device's label counts (exact); "
+        "ldp = counts with Laplace noise at ε per device; pooled = pooled sums of ≥ 2 devices only (secure "
+        "aggregation); embeddings = a random projection of each device's mean token embedding (no labels)."))
+    grouping_epsilon: float | None = Field(None, description=(
+        "ε of the private grouping inputs (ldp: per device; pooled: in total over all releases); unset = ∞, no noise."))
+    sketch_dim: int = Field(16, ge=1, description="Dimension of the label-free sketch (grouping_input = embeddings).")
     depths: list[int] | None = Field(None, description="Arm depths d (top layers that train LoRA); unset = 1..L.")
     taus: list[int] = Field([1, 2, 4], description="Arm frequencies τ (intra-group rounds per global round).")
     fixed_depth: int | None = Field(None, ge=1, description="Pin the depth (ablation); the bandit then picks τ only.")
@@ -116,6 +140,13 @@ class Settings(BaseModel):
     round_budget_s: float | None = Field(None, gt=0, description="Fixed time budget per group per global round (s); overrides the above.")
     traffic_budget_mb: float | None = Field(None, gt=0, description=(
         "Traffic budget per group per global round (MB = 1e6 bytes, device links + aggregator↔PS); unset = none."))
+
+    @field_validator("grouping_epsilon")
+    @classmethod
+    def _epsilon_positive(cls, v: float | None) -> float | None:
+        if v is not None and not v > 0:
+            raise ValueError("ε must be > 0 (smaller ε = more noise); leave method.grouping_epsilon unset for no noise (ε = ∞)")
+        return v
 
     @field_validator("depths", "taus")
     @classmethod
@@ -199,12 +230,45 @@ class Strategy(StrategyBase):
         self.link = "lan" if self.edge else "wan"
         self.ranks = {l: setup.rank for l in range(L)}
         self.device_round_s = self._device_round_times()
-        if settings.grouping == "random":
-            self.groups = random_groups(n, settings.num_groups, setup.seed)
-        else:
-            self.groups = group_devices(setup.label_hists, self.device_round_s, settings.num_groups,
-                                        settings.grouping_lambda, settings.size_slack, setup.seed, settings.grouping_passes)
+        if settings.grouping_epsilon is not None and settings.grouping_input not in ("ldp", "pooled"):
+            raise ConfigError(f"method.grouping_epsilon is set but method.grouping_input = \"{settings.grouping_input}\" "
+                              "adds no noise; set grouping_input to \"ldp\" or \"pooled\", or unset grouping_epsilon.")
+        if settings.grouping == "random" and settings.grouping_input != "histograms":
+            raise ConfigError("method.grouping_input applies to grouping = \"near_iid\" only (random groups read no "
+                              "input); unset grouping_input or use grouping = \"near_iid\".")
+        self.grouping_privacy: dict[str, Any] = {}
+        self.groups = self._group()
         self.bandits = [RUCB(len(self.arms), settings.exploration) for _ in self.groups]
+
+    def _group(self) -> list[list[int]]:
+        """The groups from the input `grouping_input` names (module docstring, "Private grouping");
+        sets `grouping_privacy`, what grouping.json says about the input."""
+        s, su = self.s, self.setup
+        n, args = su.num_devices, (self.device_round_s, s.num_groups, s.grouping_lambda, s.size_slack, su.seed,
+                                   s.grouping_passes)
+        if s.grouping == "random":
+            return random_groups(n, s.num_groups, su.seed)
+        self.grouping_privacy = {"input": s.grouping_input, "epsilon": s.grouping_epsilon,
+                                 "epsilon_meaning": _EPSILON_MEANING[s.grouping_input]}
+        if s.grouping_input == "ldp":
+            return group_devices(ldp_histograms(su.label_hists, s.grouping_epsilon, su.seed), *args)
+        if s.grouping_input == "pooled":
+            if size_bounds(n, s.num_groups, s.size_slack)[0] < 2:
+                raise ConfigError(f"method.grouping_input = \"pooled\" sums at least 2 devices per group, but "
+                                  f"{n} devices in method.num_groups = {s.num_groups} groups allow groups of 1; "
+                                  "lower num_groups or size_slack.")
+            res = pooled_grouping(su.label_hists, *args, epsilon=s.grouping_epsilon)
+            self.grouping_privacy.update(releases=res.releases, epsilon_spent=res.epsilon_spent,
+                                         objective_trace=res.objective_trace)
+            return res.groups
+        if s.grouping_input == "embeddings":
+            if su.device_embeddings is None:
+                raise ConfigError("method.grouping_input = \"embeddings\" needs the devices' embeddings, which this "
+                                  "run's set-up does not provide; use grouping_input = \"histograms\".")
+            sketches = random_projection(su.device_embeddings(), s.sketch_dim, su.seed)
+            self.grouping_privacy["sketch_dim"] = s.sketch_dim
+            return group_by(sketch_statistic(sketches, su.num_examples), *args)
+        return group_devices(su.label_hists, *args)
 
     def _device_round_times(self) -> list[float]:
         """Per device: predicted full-depth intra-group round (E steps + whole model down/up on the group link)."""
@@ -225,6 +289,20 @@ class Strategy(StrategyBase):
                               self.setup.seed)
         rep.update({"size_slack": self.s.size_slack, "aggregator": self.setup.aggregator,
                     "round_time": "predicted full-depth intra-group round: E local steps + model down/up on the group link"})
+        if self.grouping_privacy:
+            hists, su, s = self.setup.label_hists, self.setup, self.s
+            exact = group_devices(hists, self.device_round_s, s.num_groups, s.grouping_lambda, s.size_slack, su.seed,
+                                  s.grouping_passes)
+
+            def kl_sum(groups: list[list[int]]) -> float:
+                return float(sum(pooled_kl(hists, g) for g in groups))
+
+            rep["private_grouping"] = {
+                **self.grouping_privacy,
+                "evaluation_only": "the kl_sum values are Σ_k KL(P_k‖P) measured with the TRUE label histograms, "
+                                   "for evaluation; the grouping itself never read them",
+                "kl_sum": kl_sum(self.groups), "exact_kl_sum": kl_sum(exact),
+                "random_kl_sum": kl_sum(random_groups(su.num_devices, s.num_groups, su.seed))}
         return rep
 
     # -- one global round ---------------------------------------------------------------------
