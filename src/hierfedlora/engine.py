@@ -148,6 +148,11 @@ def _eval_set(w: Workload, positions: np.ndarray, tokenizer, cfg: ExperimentConf
                    max_new_tokens=cfg.task.max_new_tokens, batch_size=cfg.train.eval_batch_size)
 
 
+# method settings added after checkpoints were written: at these values a run computes what it did
+# before they existed, so they are left out of the hash and such checkpoints still resume
+_LATER_METHOD_DEFAULTS = {"grouping_input": "histograms", "sketch_dim": 16}
+
+
 def config_fingerprint(cfg: ExperimentConfig) -> str:
     """Hash of everything that determines results (not progress display or checkpoint cadence)."""
     d = cfg.to_dict()
@@ -159,6 +164,9 @@ def config_fingerprint(cfg: ExperimentConfig) -> str:
     if not d["fleet"].get("secure_aggregation", True):  # likewise
         del d["fleet"]["secure_aggregation"]
     d.pop("tracking", None)  # where the run is mirrored to, not what it computes
+    for key, default in _LATER_METHOD_DEFAULTS.items():  # method settings added later hash as before at their default
+        if d["method"].get(key, default) == default:
+            d["method"].pop(key, None)
     if d.get("privacy") == PrivacyConfig().model_dump(mode="json", exclude_none=True):
         del d["privacy"]  # dp off hashes as before the section existed: old checkpoints resume
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
