@@ -216,3 +216,18 @@ def test_ray_grid_gives_the_sequential_summaries_and_reuses_finished_runs(compar
     assert (tmp_path / "ray" / "fedlora" / "seed1" / "summary.json").stat().st_mtime_ns == stamp  # reused
     assert main(["compare", str(compare_cfg), *common, "--out", str(tmp_path / "ray"), "--jobs", "0"]) == 2
     assert json.loads((tmp_path / "ray" / "table.json").read_text()) == json.loads((tmp_path / "seq" / "table.json").read_text())
+
+
+def test_a_variant_name_with_an_unquoted_dot_is_named_with_the_fix(tmp_path):
+    """TOML reads [variants.hfl-ldp-0.1] as a table "1" inside "hfl-ldp-0": the error says to quote it,
+    and the quoted name is a variant like any other."""
+    from hierfedlora.compare import read_variants
+    from hierfedlora.errors import ConfigError
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[variants.hfl-ldp-0.1]\nname = "hierfedlora"\n')
+    with pytest.raises(ConfigError, match=r'quote it: \[variants."hfl-ldp-0.1"\]'):
+        read_variants(bad)
+    good = tmp_path / "good.toml"
+    good.write_text('[variants."hfl-ldp-0.1"]\nname = "hierfedlora"\ngrouping_input = "ldp"\n')
+    assert read_variants(good)[1] == {"hfl-ldp-0.1": {"name": "hierfedlora", "grouping_input": "ldp"}}

@@ -127,6 +127,11 @@ def read_variants(config_path: str | Path | None) -> tuple[dict[str, Any], dict[
     variants = raw.pop("variants", {})
     for label, table in variants.items():
         if "name" not in table:
+            nested = [k for k, v in table.items() if isinstance(v, dict)]
+            if nested:  # [variants.hfl-ldp-0.1] is the table "1" inside "hfl-ldp-0" for TOML
+                raise ConfigError(f"[variants.{label}.{nested[0]}]: a variant's name cannot hold a dot unquoted (TOML reads "
+                                  f"it as a table inside [variants.{label}]); quote it: "
+                                  f"[variants.\"{label}.{nested[0]}\"]")
             raise ConfigError(f"[variants.{label}] needs name = \"<method>\"")
     return raw, variants
 
