@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hierfedlora.engine import Simulation
-from hierfedlora.errors import ConfigError, PlanError
+from hierfedlora.errors import ConfigError
 from hierfedlora.protocol import DeviceJob, DevicePlan, JobOutput, Summed, plain_sums
 
 
@@ -20,6 +20,7 @@ def _run(cfg):
 def _same_run(tiny_cfg, **kw):
     plain, plain_rows = _run(tiny_cfg(**kw))
     summed, summed_rows = _run(tiny_cfg(**kw, **{"fleet.secure_aggregation": True}))
+    assert all(r.pop("secagg_alone") == [] for r in summed_rows[1:])  # every aggregator had company
     assert summed_rows == plain_rows  # metrics, bytes, simulated time: every value
     assert set(summed.state) == set(plain.state)
     for k in plain.state:  # the mean of the sum is the per-device FedAvg, bit for bit
@@ -68,8 +69,13 @@ def test_a_deadline_is_refused_under_secure_aggregation(tiny_cfg):
         tiny_cfg(**{"fleet.secure_aggregation": True, "fleet.deadline_s": 10.0})
 
 
-def test_an_aggregator_with_one_device_is_refused(tiny_cfg):
-    cfg = tiny_cfg(**{"run.rounds": 1, "fleet.num_devices": 3, "method.name": "hierfedlora", "method.num_groups": 2,
-                      "fleet.secure_aggregation": True})
-    with pytest.raises(PlanError, match="single device"):
-        _run(cfg)
+def test_the_only_device_of_an_aggregator_is_not_asked_and_the_run_goes_on(tiny_cfg):
+    """3 devices in 2 groups: the group of one cannot hide its update in a sum, so its device gets
+    no job (listed in `secagg_alone`, never a participant, no bytes), and the other group trains."""
+    cfg = tiny_cfg(**{"run.rounds": 2, "fleet.num_devices": 3, "fleet.participation": 1.0, "method.name": "hierfedlora",
+                      "method.num_groups": 2, "fleet.secure_aggregation": True})
+    sim, rows = _run(cfg)
+    (lone,) = [g[0] for g in sim.strategy.groups if len(g) == 1]
+    for r in rows[1:]:
+        assert r["secagg_alone"] == [lone] and lone not in r["participant_ids"] and r["participants"] == 2
+    assert rows[-1]["bytes_up"] > 0 and "test_acc" in rows[-1]

@@ -338,6 +338,8 @@ class Simulation:
         device_jobs = [DeviceJob(plan, payload, k) for plan, payload, k, *_ in sent]
         sums = None
         if self.cfg.fleet.secure_aggregation:  # the aggregators get each group's sum, not the updates
+            sent = self._skip_alone(ctx, sent, missed)
+            device_jobs = [DeviceJob(plan, payload, k) for plan, payload, k, *_ in sent]
             aggregators = [a for *_, a in sent]
             _check_summable(sent)
             outputs, device_sums = self.executor.run_summed(rnd, device_jobs, aggregators)
@@ -378,6 +380,25 @@ class Simulation:
                           "keeps its model and the exchange lasts the deadline; raise fleet.deadline_s if every "
                           "device should be able to make it", stacklevel=2)
         return Exchange(results, missed, sums)
+
+    def _skip_alone(self, ctx: "_RoundContext", sent: list[tuple], missed: list[Missed]) -> list[tuple]:
+        """Secure aggregation: an aggregator with a single device in an exchange cannot hide that
+        device's update (the sum of one update is the update), so it does not ask it: the device
+        gets no job (nothing moves, it waits for nothing: `Missed` "alone", 0 s) and its
+        aggregator keeps its model for this exchange, as when every member dropped out."""
+        count: dict[int, int] = {}
+        for *_, a in sent:
+            count[a] = count.get(a, 0) + 1
+        kept = []
+        for entry in sent:
+            plan, a = entry[0], entry[-1]
+            if count[a] > 1:
+                kept.append(entry)
+                continue
+            ctx.calls[plan.device] -= 1  # it ran nothing: its next job's batches are those it would have had
+            ctx.alone.add(plan.device)
+            missed.append(Missed(plan.device, "alone", 0.0, 0))
+        return kept
 
     def _clip(self, ctx: "_RoundContext", result: TrainResult, start: State) -> None:
         """Central DP, as the trusted aggregator receives an update: its change to the model the
@@ -547,6 +568,8 @@ class Simulation:
         }
         if self.cfg.fleet.deadline_s is not None:
             row["stragglers"] = sorted(ctx.stragglers)
+        if self.cfg.fleet.secure_aggregation:
+            row["secagg_alone"] = sorted(ctx.alone)
         if self.cfg.privacy.dp != "off":
             row.update(self._dp_row(ctx))
         if rnd % self.cfg.run.eval_every == 0 or self.done:  # the last round is always evaluated
@@ -634,6 +657,7 @@ class _RoundContext:
     calls: dict[int, int] = dataclasses.field(default_factory=dict)
     dropped: set[int] = dataclasses.field(default_factory=set)
     stragglers: set[int] = dataclasses.field(default_factory=set)
+    alone: set[int] = dataclasses.field(default_factory=set)  # secure aggregation: the only device of its aggregator
     dp_norms: list[float] = dataclasses.field(default_factory=list)  # DP: update norms before clipping
     releases: int = 0  # central DP: noised aggregates released so far this round
 

@@ -131,7 +131,7 @@ class Missed:
     are what it moved (and the meter booked)."""
 
     device: int
-    reason: str  # "dropped" or "straggler"
+    reason: str  # "dropped", "straggler", or "alone" (secure aggregation: the only device of its aggregator, not asked)
     wait_s: float
     bytes_down: int
     bytes_up: int = 0
