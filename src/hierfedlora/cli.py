@@ -1,5 +1,6 @@
 """Command line: `hierfedlora run [CONFIG.toml] [--set key=value ...] [--out DIR]`, `--resume DIR`,
-`compare`, `report`, `flower`, and `generate RUN_DIR` to try an instruction-tuned adapter."""
+`compare`, `report`, `flower`, `generate RUN_DIR` to try an instruction-tuned adapter, and `calibrate`
+to measure this machine as a fleet-file device."""
 
 from __future__ import annotations
 
@@ -57,6 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--target", type=float, help="target accuracy (default: 95%% of FedLoRA's final accuracy)")
     rp.set_defaults(func=cmd_report)
 
+    k = sub.add_parser("calibrate", help="measure this machine's training speed and memory; write a fleet file")
+    k.add_argument("--model", default="minilm", help="model whose training is timed (model.name; default minilm)")
+    k.add_argument("--out", default="fleet-calibrated.toml", help="fleet file to write (default: fleet-calibrated.toml)")
+    k.add_argument("--batch-size", type=int, default=16, help="batch of the timed local steps (train.batch_size)")
+    k.add_argument("--max-length", type=int, default=64, help="tokens per example (model.max_length)")
+    k.add_argument("--rank", type=int, default=8, help="LoRA rank in every layer (model.rank)")
+    k.add_argument("--steps", type=int, default=4, help="local steps per timed job")
+    k.add_argument("--repeats", type=int, default=3, help="timed jobs (their median counts; one untimed warm-up first)")
+    k.add_argument("--device", default="cpu", help="where to compute: cpu, cuda, cuda:N")
+    k.add_argument("--kind", default="calibrated", help="the device's kind in the fleet file (free text)")
+    k.add_argument("--count", type=int, default=1, help="how many such devices the file describes")
+    k.add_argument("--wan-up-mbps", type=float, default=10.0, help="WAN upload to the server (not measured)")
+    k.add_argument("--wan-down-mbps", type=float, help="WAN download (default: 2x upload; not measured)")
+    k.add_argument("--wan-latency-ms", type=float, default=50.0, help="WAN latency (not measured)")
+    k.set_defaults(func=cmd_calibrate)
+
     g = sub.add_parser("generate", help="try an instruction-tuned run's adapter: answer prompts with it")
     g.add_argument("run_dir", help="a run directory (its adapter/) or an adapter directory")
     g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); none: read prompts from stdin, one per line")
@@ -110,6 +127,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = write_report(runs, out, args.target)
     print(report.read_text())
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from hierfedlora.calibrate import fleet_file_text, measure
+
+    for name in ("batch_size", "max_length", "rank", "steps", "repeats", "count"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1.")
+    if args.wan_up_mbps <= 0 or (args.wan_down_mbps is not None and args.wan_down_mbps <= 0) or args.wan_latency_ms < 0:
+        raise ConfigError("--wan-up-mbps / --wan-down-mbps must be > 0 and --wan-latency-ms >= 0.")
+    out = Path(args.out)
+    if out.is_dir():
+        raise RunDirError(f"--out '{out}' is a directory; give the fleet file's path, e.g. {out / 'fleet.toml'}.")
+    if not out.parent.is_dir():
+        raise RunDirError(f"--out '{out}': folder '{out.parent}' does not exist; create it or pick another path.")
+    from hierfedlora.device.model import resolve_device
+
+    m = measure(args.model, args.batch_size, args.max_length, args.rank, args.steps, args.repeats,
+                resolve_device(args.device))
+    out.write_text(fleet_file_text(m, args.kind, args.count, args.wan_up_mbps, args.wan_down_mbps, args.wan_latency_ms))
+    print(f"{m.model} on {m.device}: {m.flops / 1e9:.1f} GFLOP/s sustained training, {m.memory_gb:.1f} GB free -> {out}")
+    print(f"use it: hierfedlora run --set fleet.name={out} --set fleet.num_devices={args.count}")
     return 0
 
 
