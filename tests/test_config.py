@@ -112,3 +112,19 @@ def test_bad_devices_files_and_directories_are_named_before_anything_is_written(
     assert main(["run", "--set", "run.rounds=1", "--out", str(tmp_path / "afile"), "--quiet"]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
     assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_every_shipped_config_and_its_variants_load():
+    """Each file in configs/ is valid as shipped, and so is every [variants.X] it defines (a typo in a
+    variant would otherwise surface only when a comparison reaches it)."""
+    from pathlib import Path
+
+    from hierfedlora.compare import method_config, read_variants
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.toml"))
+    assert len(files) >= 10
+    for path in files:
+        load_config(path)
+        raw, variants = read_variants(path)
+        for label in variants:
+            assert method_config(raw, variants, label, 0, []).method["name"] == variants[label]["name"], (path, label)
