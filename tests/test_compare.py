@@ -48,9 +48,16 @@ def test_compare_table_matches_summaries_reuses_runs_and_report_rebuilds(compare
     assert "reusing finished run" in capsys.readouterr().out
     assert (out / "fedlora" / "seed0" / "summary.json").stat().st_mtime_ns == stamp
 
+    assert "(default rule: 95% of FedLoRA's mean final score)" in report
+
     (out / "table.json").unlink()
     assert main(["report", str(out)]) == 0
     assert json.loads((out / "table.json").read_text()) == table
+    # the target rule says what it was: given, or without FedLoRA the lowest-scoring method's
+    assert main(["report", str(out / "fedlora-slow"), "--out", str(tmp_path / "r1")]) == 0
+    assert "of the lowest-scoring method's (no FedLoRA here) mean final score" in (tmp_path / "r1" / "report.md").read_text()
+    assert main(["report", str(out), "--target", "0.5", "--out", str(tmp_path / "r2")]) == 0
+    assert "Target: 50.00% (given)." in (tmp_path / "r2" / "report.md").read_text()
 
 
 def test_compare_checks_every_method_before_it_trains_any(compare_cfg, tmp_path, capsys):
