@@ -32,6 +32,7 @@ def test_fedlora_under_secagg_equals_the_plain_run(tiny_cfg, loopback_grid, flow
     plain_rows = plain.run()
     sim, out = flower_sim(tiny_cfg(**kw, **{"fleet.secure_aggregation": True}), loopback_grid([0, 1, 2]))
     rows = sim.run()
+    assert all(r.pop("secagg_alone") == [] for r in rows[1:])  # no aggregator was left with one device
     _close_rows(rows, plain_rows)
     for k, v in plain.state.items():
         assert torch.allclose(sim.state[k], v, rtol=0, atol=ATOL), (k, float((sim.state[k] - v).abs().max()))
